@@ -1,0 +1,46 @@
+"""The ``swarm`` command: one entry point, one subcommand per peer role.
+
+    swarm seed --config configs/tiny.yaml      # a researcher starts a swarm
+    swarm join /ip4/.../p2p/...                # a volunteer joins it
+    swarm demo --peers 3 --steps 10            # seed + trainers on 127.0.0.1, with a summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from peers import demo, join, seed
+from peers.common import run_entry, setup_logging, install_stop_handlers
+
+ROLES = {
+    "seed": (seed, "start the first peer of a new swarm and publish its config"),
+    "join": (join, "join a swarm as a trainer, given any live peer's address"),
+    "demo": (demo, "run a seed and N trainers on 127.0.0.1 and print a summary"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, including hivemind's")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, summary) in ROLES.items():
+        sub = commands.add_parser(name, help=summary, description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    module, _ = ROLES[args.command]
+    if getattr(args, "max_steps", None) is not None and args.max_steps < 1:
+        parser.error("--max-steps must be at least 1")
+    return run_entry(lambda: module.run(args, install_stop_handlers()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""``swarm demo``: a seed and N trainers on 127.0.0.1 in one command, with live progress and a summary.
+
+    swarm demo --peers 3 --steps 10 --summary-json summary.json
+
+Each peer is a real process (logs under --workdir); the demo watches their progress records in the DHT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from swarm.config import load_config
+from swarm.errors import SwarmError
+from swarm.summary import summarize
+
+logger = logging.getLogger("swarm.demo")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--peers", type=int, default=3, help="number of trainers (default 3)")
+    parser.add_argument("--steps", type=int, default=10, help="global steps to make (default 10)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="swarm config (default configs/tiny.yaml)")
+    parser.add_argument("--summary-json", help="also write the summary here as JSON")
+    parser.add_argument("--workdir", help="where peer logs and reports go (default: a new temporary directory)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config field for the whole demo swarm (repeatable)")
+
+
+class Peers:
+    """Child processes of the demo; every one is stopped (TERM, then KILL) when the demo ends."""
+
+    def __init__(self, workdir: Path):
+        self.workdir, self.procs = workdir, {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "peers.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent.parent)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        text = (self.workdir / f"{name}.log").read_text(errors="replace").splitlines()
+        return "\n".join(f"    {line}" for line in text[-lines:])
+
+    def stop_all(self, grace: float = 20.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return [line for line in path.read_text().splitlines() if line.strip()]
+        if proc.poll() is not None:
+            raise SwarmError(f"the seed exited with code {proc.returncode} before it was ready")
+        time.sleep(0.2)
+    raise SwarmError(f"the seed was not ready after {timeout:.0f} s")
+
+
+def run(args: argparse.Namespace, stop: threading.Event) -> int:
+    if args.peers < 1 or args.steps < 1:
+        raise SwarmError("--peers and --steps must be at least 1")
+    config = load_config(args.config, args.set)  # fail fast, before any process starts
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="swarm-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"Demo swarm {config.run_id!r}: 1 seed + {args.peers} trainers, {args.steps} global steps; "
+          f"logs in {workdir}", flush=True)
+    peers = Peers(workdir)
+    try:
+        sets = [item for pair in args.set for item in ("--set", pair)]
+        seed = peers.start("seed", ["seed", "--config", args.config, "--addr-file", str(workdir / "seed.addr"),
+                                    *sets])
+        try:
+            addresses = wait_for_file(workdir / "seed.addr", seed, timeout=60)
+        except SwarmError:
+            print(peers.log_tail("seed"), file=sys.stderr)
+            raise
+        print(f"Seed ready at {addresses[0]}", flush=True)
+        for index in range(args.peers):
+            peers.start(f"trainer-{index}", ["join", *addresses, "--max-steps", str(args.steps),
+                                             "--wait-for-peers", str(args.peers),
+                                             "--report-json", str(workdir / f"trainer-{index}.json")])
+        failed = watch(peers, args.peers, args.steps, stop, workdir)
+        if stop.is_set():
+            return 130
+        if failed:
+            for name in failed:
+                print(f"{name} failed; last lines of its log:\n{peers.log_tail(name)}", file=sys.stderr)
+            raise SwarmError(f"{len(failed)} trainer(s) failed: see the logs in {workdir}")
+        reports = [json.loads((workdir / f"trainer-{i}.json").read_text()) for i in range(args.peers)]
+        summary = summarize(reports)
+        print_summary(summary)
+        if args.summary_json:
+            Path(args.summary_json).write_text(json.dumps(summary, indent=1))
+        return 0
+    finally:
+        peers.stop_all()
+
+
+def watch(peers: Peers, count: int, steps: int, stop: threading.Event, workdir: Path) -> list[str]:
+    """Print progress until every trainer exits; returns the names of those that failed."""
+    trainers = [f"trainer-{i}" for i in range(count)]
+    last_line = ""
+    while not stop.is_set():
+        codes = {name: peers.procs[name].poll() for name in trainers}
+        line = progress_line(workdir, trainers, steps)
+        if line != last_line:
+            print(line, flush=True)
+            last_line = line
+        if all(code is not None for code in codes.values()):
+            return [name for name, code in codes.items() if code != 0]
+        stop.wait(2.0)
+    return []
+
+
+def progress_line(workdir: Path, trainers: list[str], steps: int) -> str:
+    """Read the trainers' latest log lines (cheap, and works before the DHT records exist)."""
+    latest = {}
+    for name in trainers:
+        log = workdir / f"{name}.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        done = [line for line in text.splitlines() if "Global step" in line and "done" in line]
+        latest[name] = done[-1].split("Global step", 1)[1].strip() if done else "starting"
+    return "  " + " | ".join(f"{name}: {state}" for name, state in latest.items()) + f"   (target {steps} steps)"
+
+
+def print_summary(summary: dict) -> None:
+    print("\nSummary", flush=True)
+    print(f"  global steps made:            {summary['steps']}")
+    print(f"  fewest peers in any round:    {summary['min_peers_averaged']}")
+    print(f"  rounds averaged/partial/skipped/failed: {summary['rounds']}")
+    print(f"  training loss:                {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}")
+    print(f"  gradient wire bytes/param:    {summary['wire_bytes_per_param']:.3f} (fp32 would be 4.0)")
+    print(f"  bytes sent by all peers:      {summary['bytes_sent'] / 1e6:.1f} MB "
+          f"(fp32 would be {summary['bytes_sent_fp32'] / 1e6:.1f} MB; saved {summary['bytes_saved'] / 1e6:.1f} MB)")
+    print(flush=True)
+

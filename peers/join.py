@@ -1,0 +1,156 @@
+"""``swarm join ADDR``: a volunteer's trainer. It needs nothing but a live peer's address.
+
+    swarm join /ip4/203.0.113.5/tcp/31337/p2p/QmSeed... [--max-steps 100]
+
+It fetches and verifies the swarm's config, builds the model and its data shard, downloads the current
+state from peers, and trains with 8-bit gradient averaging until stopped (or until the swarm has made
+--max-steps global steps while it took part).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+from hivemind.utils.multiaddr import Multiaddr
+
+from swarm import compression, net, records
+from swarm.config import SwarmConfig, adopt_shared, peer_from_overrides
+from swarm.data import train_batches
+from swarm.devices import choose_batch_size, choose_device
+from swarm.discovery import fetch_config, keep_alive
+from swarm.errors import SwarmError
+from swarm.model import build_model, count_parameters
+from swarm.optimizer import build_optimizer
+from swarm.progress import ProgressPublisher
+from swarm.rounds import PartialRoundWatch, RoundLog
+from swarm.tokenizer import build_tokenizer
+from swarm.training import Trainer, TrainResult, owner_subkey, peer_seed
+
+logger = logging.getLogger("swarm.join")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("addresses", nargs="+", metavar="ADDR", help="multiaddr of any live peer of the swarm")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA with bf16 if present")
+    parser.add_argument("--batch-size", type=int, help="local micro-batch (default: sized from memory)")
+    parser.add_argument("--max-steps", type=int, help="exit 0 once the swarm made N global steps with this peer")
+    parser.add_argument("--client-mode", action="store_true", default=None,
+                        help="behind NAT/firewall: connect out only (others cannot dial this peer)")
+    parser.add_argument("--identity", help="key file for a stable peer id and signing key (created if missing)")
+    parser.add_argument("--host", help="interface to listen on (default: 0.0.0.0 for remote swarms, else 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="TCP port to listen on (default 0: a free one)")
+    parser.add_argument("--addr-file", help="write this peer's multiaddrs here, one per line, once it is ready")
+    parser.add_argument("--run-id", help="which swarm, if several advertise through this address")
+    parser.add_argument("--wait-for-peers", type=int, default=1, metavar="N",
+                        help="start training only once N trainers (this one included) are visible (default 1)")
+    parser.add_argument("--report-json", help="write this peer's outcome (rounds, losses, bytes) here on exit")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a per-peer field, e.g. --set peer.seed=7; shared fields must match the swarm")
+
+
+def local_overrides(args: argparse.Namespace) -> list[str]:
+    host = args.host if args.host is not None else default_host(args.addresses)
+    flags = {"device": args.device, "batch_size": args.batch_size, "client_mode": args.client_mode,
+             "identity": args.identity, "host": host, "port": args.port}
+    return list(args.set) + [f"peer.{name}={value}" for name, value in flags.items() if value is not None]
+
+
+def default_host(addresses: list[str]) -> str:
+    """Loopback for a local swarm; all interfaces when the swarm is elsewhere, so its peers can dial us."""
+    for address in addresses:
+        try:
+            host = Multiaddr(address).value_for_protocol("ip4") or Multiaddr(address).value_for_protocol("ip6")
+            if host and not ipaddress.ip_address(host).is_loopback:
+                logger.info("The swarm is remote: listening on 0.0.0.0 (override with --host)")
+                return "0.0.0.0"
+        except Exception:
+            continue
+    return "127.0.0.1"
+
+
+def connect(args: argparse.Namespace, overrides: list[str]):
+    """Join the DHT through the given addresses, then fetch and adopt the swarm's config."""
+    addresses = net.parse_peer_addresses(args.addresses)
+    local = peer_from_overrides(overrides)  # bad per-peer flags fail before we connect
+    identity_path, private_key = net.load_identity(local.identity)
+    dht = net.start_dht(initial_peers=addresses, host=local.host, port=local.port, identity_path=identity_path,
+                        announce=local.announce, client_mode=local.client_mode,
+                        validators=records.base_validators(private_key), join_timeout=60.0)
+    try:
+        published = fetch_config(dht, run_id=args.run_id, timeout=30.0)
+        config = adopt_shared(published.shared, overrides)
+    except BaseException:
+        dht.shutdown()
+        raise
+    dht.add_validators(records.run_validators(config.run_id))
+    logger.info("Joined swarm %r (config %s)", config.run_id, config.fingerprint())
+    return dht, private_key, config, published
+
+
+def run(args: argparse.Namespace, stop: threading.Event) -> int:
+    dht, private_key, config, published = connect(args, local_overrides(args))
+    optimizer = None
+    try:
+        keep_alive(dht, published, ttl=config.timeouts.config_ttl)
+        net.write_addr_file(args.addr_file, net.reachable_maddrs(dht))
+        trainer, optimizer, round_log, counters, num_params = build_trainer(config, dht, private_key)
+        trainer.wait_for_peers(args.wait_for_peers, stop, timeout=config.timeouts.join)
+        result = trainer.train(max_steps=args.max_steps, stop=stop)
+        write_report(args.report_json, result, round_log, counters, num_params, dht)
+        logger.info("Done: took part in global steps %d -> %d", result.start_step, result.final_step)
+        return 0 if not result.stopped_early or args.max_steps is None else 130
+    finally:
+        if optimizer is not None:
+            optimizer.shutdown()
+        dht.shutdown()
+
+
+def build_trainer(config: SwarmConfig, dht, private_key):
+    plan = choose_device(config.peer.device)
+    tokenizer = build_tokenizer(config.tokenizer)
+    model = build_model(config.model, vocab_size=tokenizer.vocab_size).to(plan.device)
+    num_params = count_parameters(model)
+    batch_size = choose_batch_size(config.peer.batch_size, plan=plan, num_params=num_params,
+                                   seq_len=config.data.seq_len, d_model=config.model.d_model,
+                                   n_layer=config.model.n_layer, target_batch_size=config.averaging.target_batch_size)
+    logger.info("Model: %s, %.1fM parameters; gradients averaged as %s", config.model.architecture,
+                num_params / 1e6, config.averaging.compression)
+    compression.check_codecs()
+    counters = compression.WireCounters()
+    compression.install_wire_counters(counters)
+    partial_watch = PartialRoundWatch().install()
+    round_log = RoundLog()
+    optimizer = build_optimizer(
+        model.parameters(), dht=dht, private_key=private_key, run_id=config.run_id, batch_size=batch_size,
+        client_mode=config.peer.client_mode, optim=config.optimizer, averaging=config.averaging,
+        timeouts=config.timeouts, round_log=round_log, partial_watch=partial_watch,
+    )
+    batches = train_batches(config.data, tokenizer, batch_size=batch_size, seed=peer_seed(dht, config.peer.seed))
+    publisher = ProgressPublisher(dht=dht, run_id=config.run_id, subkey=owner_subkey(private_key),
+                                  device=plan.label, round_log=round_log, counters=counters,
+                                  ttl=config.timeouts.record_ttl)
+    trainer = Trainer(model=model, optimizer=optimizer, batches=batches, plan=plan,
+                      max_grad_norm=config.optimizer.max_grad_norm, round_log=round_log, counters=counters,
+                      publisher=publisher)
+    return trainer, optimizer, round_log, counters, num_params
+
+
+def write_report(path: str | None, result: TrainResult, round_log: RoundLog, counters, num_params: int,
+                 dht) -> None:
+    if not path:
+        return
+    report = dict(
+        peer_id=dht.peer_id.to_base58(), num_params=num_params, start_step=result.start_step,
+        final_step=result.final_step, losses={str(k): v for k, v in sorted(result.losses.items())},
+        rounds=round_log.as_dicts(), wire=counters.snapshot(), time=time.time(),
+    )
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(target)

@@ -1,0 +1,161 @@
+"""Joining the DHT: identities, multiaddr checks, listening addresses, and bounded retries with clear errors.
+
+One key file serves as both the libp2p identity (stable peer id) and the RSA key that signs this peer's DHT
+records, so a peer's records can be tied to its peer id.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import hivemind
+from cryptography.hazmat.primitives import serialization
+from hivemind.p2p import P2P
+from hivemind.proto import crypto_pb2
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.multiaddr import Multiaddr
+
+from swarm.errors import SwarmError
+
+logger = logging.getLogger(__name__)
+
+REACHABILITY_HINT = (
+    "check the address (copy it from the seed's output or --addr-file), that the peer is still running, "
+    "that no firewall blocks its port, and that it listens on a reachable interface (--host 0.0.0.0)"
+)
+
+
+def parse_peer_addresses(addresses: Sequence[str]) -> list[str]:
+    """Validate multiaddrs like /ip4/1.2.3.4/tcp/31337/p2p/Qm...; raise SwarmError naming the bad one."""
+    if not addresses:
+        raise SwarmError("no peer address given: pass one or more multiaddrs printed by a running peer")
+    parsed = []
+    for address in addresses:
+        try:
+            maddr = Multiaddr(address.strip())
+        except Exception as error:
+            raise SwarmError(
+                f"{address!r} is not a valid multiaddr ({error}); expected e.g. /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW..."
+            ) from None
+        protocols = [proto.name for proto in maddr.protocols()]
+        if "p2p" not in protocols:
+            raise SwarmError(f"{address!r} lacks the peer id part (/p2p/...): copy the whole address a peer printed")
+        parsed.append(str(maddr))
+    return parsed
+
+
+def load_identity(path: str | None) -> tuple[str, RSAPrivateKey]:
+    """(identity file path, its RSA key). Creates the file when missing; a throwaway one when path is None."""
+    if path is None:
+        handle, path = tempfile.mkstemp(prefix="swarm-identity-")
+        os.close(handle)
+        os.unlink(path)
+        P2P.generate_identity(path)
+        key = _read_identity(path)
+        return path, key
+    file = Path(path)
+    if not file.exists():
+        if not file.parent.is_dir():
+            raise SwarmError(f"--identity {path}: directory {file.parent} does not exist")
+        P2P.generate_identity(str(file))
+        logger.info("Created a new identity in %s (keep it to keep your peer id)", path)
+    return str(file), _read_identity(str(file))
+
+
+def _read_identity(path: str) -> RSAPrivateKey:
+    try:
+        data = Path(path).read_bytes()
+        proto = crypto_pb2.PrivateKey.FromString(data)
+        if proto.key_type != crypto_pb2.KeyType.RSA:
+            raise ValueError("not an RSA key")
+        key = RSAPrivateKey.__new__(RSAPrivateKey)
+        key._private_key = serialization.load_der_private_key(proto.data, password=None)
+        return key
+    except OSError as error:
+        raise SwarmError(f"cannot read identity file {path}: {error.strerror}") from None
+    except Exception:
+        raise SwarmError(
+            f"identity file {path} is corrupt or not a swarm identity; move it away and a new one will be created"
+        ) from None
+
+
+def check_port_free(host: str, port: int) -> None:
+    """p2pd binds with SO_REUSEPORT, so two peers could silently share a port: refuse that up front."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise SwarmError(f"port {port} on {host} is already in use: pick another with --port, or 0") from None
+            raise SwarmError(f"cannot listen on {host}:{port}: {error.strerror}; check --host/--port") from None
+
+
+def host_maddrs(host: str, port: int) -> list[str]:
+    proto = "ip6" if ":" in host else "ip4"
+    return [f"/{proto}/{host}/tcp/{port}"]
+
+
+def start_dht(
+    *,
+    initial_peers: Sequence[str],
+    host: str,
+    port: int,
+    identity_path: str,
+    validators: list,
+    announce: Sequence[str] = (),
+    client_mode: bool = False,
+    join_timeout: float = 60.0,
+) -> hivemind.DHT:
+    """Start this peer's DHT node, retrying unreachable initial peers for up to ``join_timeout`` seconds."""
+    check_port_free(host, port)
+    deadline = time.monotonic() + join_timeout
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return hivemind.DHT(
+                initial_peers=list(initial_peers),
+                host_maddrs=host_maddrs(host, port),
+                announce_maddrs=list(announce) or None,
+                identity_path=identity_path,
+                client_mode=client_mode,
+                record_validators=validators,
+                start=True,
+            )
+        except Exception as error:  # p2pd reports unreachable bootstrap peers as a generic daemon error
+            if not initial_peers:
+                raise SwarmError(f"could not start the DHT on {host}:{port}: {error}") from None
+            if time.monotonic() >= deadline:
+                raise SwarmError(
+                    f"could not reach any of {', '.join(initial_peers)} after {join_timeout:.0f} s: {REACHABILITY_HINT}"
+                ) from None
+            logger.warning("Could not reach the swarm yet (attempt %d): %s; retrying", attempt, _short(error))
+            time.sleep(min(2.0 * attempt, 5.0, max(deadline - time.monotonic(), 0.1)))
+
+
+def _short(error: Exception) -> str:
+    return str(error).strip().splitlines()[-1][:200] if str(error).strip() else type(error).__name__
+
+
+def reachable_maddrs(dht: hivemind.DHT) -> list[str]:
+    return [str(maddr) for maddr in dht.get_visible_maddrs()]
+
+
+def write_addr_file(path: str | None, addresses: Sequence[str]) -> None:
+    """Write one multiaddr per line, atomically, so a watcher never reads a half-written file."""
+    if not path:
+        return
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text("".join(f"{address}\n" for address in addresses))
+    os.replace(tmp, target)

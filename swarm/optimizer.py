@@ -1,0 +1,130 @@
+"""hivemind.Optimizer set up from the swarm config, recording how each global step's averaging went.
+
+The subclass only observes: it wraps the three places where hivemind decides between averaged and local
+gradients, and records a ``Round`` for every global step, so "trained alone while looking healthy" shows up
+in logs and metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterable
+
+import hivemind
+import torch
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.utils.crypto import RSAPrivateKey
+
+from swarm.compression import build_compression, counting_averager
+from swarm.config import AveragingConfig, OptimizerConfig, TimeoutsConfig
+from swarm.rounds import PartialRoundWatch, Round, RoundLog
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmOptimizer(hivemind.Optimizer):
+    def __init__(self, *, round_log: RoundLog, partial_watch: PartialRoundWatch, **kwargs):
+        self.round_log, self.partial_watch = round_log, partial_watch
+        self._partial_seen = partial_watch.count
+        self._recorded_epoch = -1
+        super().__init__(grad_averager_factory=counting_averager(GradientAverager, "grad"), **kwargs)
+
+    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
+        state_cls = counting_averager(TrainingStateAverager, "state")
+        return state_cls(
+            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs,
+        )
+
+    def _record(self, outcome: str, group_size: int, reason: str = "") -> None:
+        if self._recorded_epoch == self.local_epoch:
+            return  # one record per global step
+        self._recorded_epoch = self.local_epoch
+        if outcome == "averaged" and self.partial_watch.count > self._partial_seen:
+            outcome, reason = "partial", "some peers' parts were missing from the all-reduce"
+        self._partial_seen = self.partial_watch.count
+        self.round_log.record(Round(step=self.local_epoch, outcome=outcome, group_size=group_size, reason=reason))
+
+    def _begin_averaging_gradients(self, grad_scaler) -> bool:
+        began = super()._begin_averaging_gradients(grad_scaler)
+        if not began:
+            self._record("skipped", 1, "no other peers were ready for this step")
+        return began
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
+        try:
+            if maybe_step_control is None:
+                self._record("skipped", 1, "no averaging round was scheduled")
+            else:
+                group_info = maybe_step_control.result(self.averaging_timeout)
+                self._load_averaged_gradients_into_optimizer_()
+                self._record("averaged", len(group_info))
+                return
+        except BaseException as error:
+            self._record("failed", 1, f"{type(error).__name__}: {error}"[:200])
+        self._load_local_gradients_into_optimizer()
+
+
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter],
+    *,
+    dht: hivemind.DHT,
+    private_key: RSAPrivateKey,
+    run_id: str,
+    batch_size: int,
+    client_mode: bool,
+    optim: OptimizerConfig,
+    averaging: AveragingConfig,
+    timeouts: TimeoutsConfig,
+    round_log: RoundLog,
+    partial_watch: PartialRoundWatch,
+) -> SwarmOptimizer:
+    def codec(name: str):
+        return build_compression(name, size_threshold=averaging.size_threshold)
+
+    return SwarmOptimizer(
+        round_log=round_log,
+        partial_watch=partial_watch,
+        dht=dht,
+        run_id=run_id,
+        target_batch_size=averaging.target_batch_size,
+        batch_size_per_step=batch_size,
+        params=list(params),
+        optimizer=lambda p: torch.optim.AdamW(
+            p, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay
+        ),
+        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim)),
+        matchmaking_time=timeouts.matchmaking,
+        averaging_timeout=timeouts.averaging,
+        next_chunk_timeout=timeouts.next_chunk,
+        load_state_timeout=timeouts.load_state,
+        offload_optimizer=averaging.offload_optimizer,
+        delay_optimizer_step=averaging.delay_optimizer_step,
+        delay_grad_averaging=averaging.delay_grad_averaging,
+        delay_state_averaging=averaging.delay_state_averaging,
+        average_state_every=averaging.average_state_every,
+        client_mode=client_mode,  # always explicit: hivemind 1.1.12 inverts it when omitted
+        grad_compression=codec(averaging.compression),
+        state_averaging_compression=codec(averaging.state_compression),
+        load_state_compression=codec(averaging.load_state_compression),
+        averager_opts=dict(request_timeout=timeouts.request, part_size_bytes=averaging.part_size_bytes),
+        tracker_opts=dict(private_key=private_key, min_refresh_period=0.5, max_refresh_period=5.0),
+        verbose=False,
+    )
+
+
+def lr_lambda(optim: OptimizerConfig):
+    """Linear warm-up then cosine decay to 10%, as a function of the global step."""
+
+    def schedule(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / (optim.warmup_steps + 1)
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, optim.total_steps - optim.warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return schedule

@@ -1,0 +1,69 @@
+"""Publishing and reading trainers' progress records (schemas in swarm.records)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import hivemind
+from hivemind.utils import get_dht_time
+
+from swarm.compression import WireCounters
+from swarm.records import TrainerRecord, metrics_key
+from swarm.rounds import RoundLog
+
+logger = logging.getLogger(__name__)
+
+
+class ProgressPublisher:
+    """Stores this trainer's signed record every ``period`` seconds without blocking the training loop."""
+
+    def __init__(self, *, dht: hivemind.DHT, run_id: str, subkey: bytes, device: str, round_log: RoundLog,
+                 counters: WireCounters, ttl: float, period: float = 2.0):
+        self.dht, self.key, self.subkey, self.device = dht, metrics_key(run_id), subkey, device
+        self.round_log, self.counters, self.ttl, self.period = round_log, counters, ttl, period
+        self._last = 0.0
+
+    def maybe_publish(self, *, step: int, loss: float, samples_done: int, samples_per_second: float,
+                      tokens_per_second: float, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.period:
+            return
+        self._last = now
+        record = self.record(step=step, loss=loss, samples_done=samples_done,
+                             samples_per_second=samples_per_second, tokens_per_second=tokens_per_second)
+        self.dht.store(self.key, record.dict(), expiration_time=get_dht_time() + self.ttl, subkey=self.subkey,
+                       return_future=True)
+
+    def record(self, *, step: int, loss: float, samples_done: int, samples_per_second: float,
+               tokens_per_second: float) -> TrainerRecord:
+        counts = self.round_log.counts()
+        wire = self.counters.snapshot()
+        return TrainerRecord(
+            step=step, loss=_finite(loss), samples_per_second=_finite(samples_per_second),
+            tokens_per_second=_finite(tokens_per_second), samples_done=samples_done,
+            bytes_sent=int(sum(channel["sent_bytes"] for channel in wire.values())),
+            bytes_received=int(sum(channel["received_bytes"] for channel in wire.values())),
+            rounds_averaged=counts["averaged"], rounds_partial=counts["partial"],
+            rounds_skipped=counts["skipped"], rounds_failed=counts["failed"],
+            device=self.device[:32], time=time.time(),
+        )
+
+
+def _finite(value: float) -> float:
+    return float(value) if math.isfinite(value) and value >= 0 else 0.0
+
+
+def read_trainer_records(dht: hivemind.DHT, run_id: str) -> dict[bytes, TrainerRecord]:
+    """Live trainers' records by subkey; malformed ones are skipped (the DHT already validated the schema)."""
+    found = dht.get(metrics_key(run_id), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    records = {}
+    for subkey, entry in found.value.items():
+        try:
+            records[subkey] = TrainerRecord.parse_obj(entry.value)
+        except Exception:
+            logger.debug("Skipping a malformed progress record under %r", subkey)
+    return records

@@ -1,0 +1,137 @@
+"""DHT key names and record schemas: the one place that says what peers write into the DHT.
+
+Two kinds of records:
+
+* ``swarm_config`` (one fixed key, so a joiner that knows nothing but an address can find it): the seed's
+  shared config as YAML, signed *inside the value* by the seed's RSA key, under a subkey derived from that key.
+  ``ConfigRecordValidator`` makes every honest DHT node refuse a record whose signature does not verify, so
+  nobody can replace the seed's config, while any peer may re-store the signed record verbatim to keep it
+  alive after the seed leaves.
+* ``{run_id}_metrics``: one subkey per trainer (``[owner:<its public key>]``, so only that trainer can write
+  it; hivemind's RSASignatureValidator checks), holding a schema-validated ``TrainerRecord`` for the monitor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Dict, Optional
+
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
+from hivemind.utils.serializer import MSGPackSerializer
+from pydantic.v1 import BaseModel, StrictStr, confloat, conint, constr
+
+CONFIG_KEY = "swarm_config"
+MAX_CONFIG_BYTES = 64 * 1024
+_FINITE = dict(strict=True, ge=0.0, le=1e15)  # NaN/inf fail these bounds, so they never reach a dashboard
+
+
+def metrics_key(run_id: str) -> str:
+    return f"{run_id}_metrics"
+
+
+class TrainerRecord(BaseModel):
+    """What each trainer publishes about itself (refreshed every few seconds, expires after timeouts.record_ttl)."""
+
+    step: conint(ge=0, le=10**9, strict=True)
+    loss: confloat(strict=True, ge=0.0, le=1e4)
+    samples_per_second: confloat(**_FINITE)
+    tokens_per_second: confloat(**_FINITE)
+    samples_done: conint(ge=0, le=10**15, strict=True)
+    bytes_sent: conint(ge=0, le=10**18, strict=True)
+    bytes_received: conint(ge=0, le=10**18, strict=True)
+    rounds_averaged: conint(ge=0, le=10**9, strict=True)
+    rounds_partial: conint(ge=0, le=10**9, strict=True)
+    rounds_skipped: conint(ge=0, le=10**9, strict=True)
+    rounds_failed: conint(ge=0, le=10**9, strict=True)
+    device: constr(strict=True, max_length=32)
+    time: confloat(strict=True, ge=0.0, le=1e11)
+
+
+class MetricsSchema(BaseModel):
+    metrics: Dict[BytesWithPublicKey, Optional[TrainerRecord]]
+
+
+class ConfigRecord(BaseModel):
+    run_id: constr(strict=True, min_length=1, max_length=64)
+    config_yaml: constr(strict=True, max_length=MAX_CONFIG_BYTES)
+    public_key: bytes
+    signature: bytes
+    created: confloat(strict=True, ge=0.0, le=1e11)
+
+
+class ConfigSchema(BaseModel):
+    swarm_config: Dict[StrictStr, ConfigRecord]
+
+
+def key_fingerprint(public_key: bytes) -> str:
+    return hashlib.sha256(public_key).hexdigest()[:32]
+
+
+def _signed_payload(run_id: str, config_yaml: str, created: float) -> bytes:
+    return b"\0".join([b"swarm-config-v1", run_id.encode(), config_yaml.encode(), repr(created).encode()])
+
+
+def sign_config(private_key: RSAPrivateKey, run_id: str, config_yaml: str) -> tuple[str, dict]:
+    """Returns (subkey, value) for ``dht.store(CONFIG_KEY, value, expiration, subkey=subkey)``."""
+    public_key = private_key.get_public_key().to_bytes()
+    created = time.time()
+    signature = private_key.sign(_signed_payload(run_id, config_yaml, created))
+    value = dict(run_id=run_id, config_yaml=config_yaml, public_key=public_key, signature=signature, created=created)
+    return key_fingerprint(public_key), value
+
+
+def verify_config(subkey: object, value: object) -> Optional[ConfigRecord]:
+    """The parsed record when its signature and subkey match its public key; else None."""
+    try:
+        record = ConfigRecord.parse_obj(value)
+        public_key = RSAPublicKey.from_bytes(record.public_key)
+        payload = _signed_payload(record.run_id, record.config_yaml, record.created)
+        if subkey != key_fingerprint(record.public_key) or not public_key.verify(payload, record.signature):
+            return None
+        return record
+    except Exception:  # any malformed input from the network means "not valid"
+        return None
+
+
+class ConfigRecordValidator(RecordValidatorBase):
+    """Refuses ``swarm_config`` records whose in-value signature does not match their subkey's key."""
+
+    _key_id = DHTID.generate(source=CONFIG_KEY).to_bytes()
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.key != self._key_id:
+            return True
+        if record.subkey is None or len(record.value) > 2 * MAX_CONFIG_BYTES:
+            return False
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey)
+            value = MSGPackSerializer.loads(record.value)
+        except Exception:
+            return False
+        return verify_config(subkey, value) is not None
+
+    @property
+    def priority(self) -> int:
+        return 5  # below RSASignatureValidator (10): sees the value after its signature is stripped
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return isinstance(other, ConfigRecordValidator)
+
+
+def base_validators(private_key: RSAPrivateKey) -> list[RecordValidatorBase]:
+    """Validators every peer installs before it joins (the run id is not known yet)."""
+    return [
+        RSASignatureValidator(private_key),
+        SchemaValidator(ConfigSchema, allow_extra_keys=True),
+        ConfigRecordValidator(),
+    ]
+
+
+def run_validators(run_id: str) -> list[RecordValidatorBase]:
+    """Validators added once the run id is known."""
+    return [SchemaValidator(MetricsSchema, prefix=run_id, allow_extra_keys=True)]

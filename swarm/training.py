@@ -1,0 +1,122 @@
+"""The trainer: one loop a reader can follow in one sitting.
+
+    batch -> forward/backward -> clip -> SwarmOptimizer.step() (accumulates toward the swarm's global batch,
+    averages 8-bit gradients with peers, steps) -> publish progress into the DHT
+
+It runs until the swarm has made ``max_steps`` global steps while this peer took part, or ``stop`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import hivemind
+import torch
+from hivemind.utils.crypto import RSAPrivateKey
+
+from swarm.compression import WireCounters
+from swarm.devices import DevicePlan
+from swarm.optimizer import SwarmOptimizer
+from swarm.progress import ProgressPublisher
+from swarm.rounds import RoundLog
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    start_step: int
+    final_step: int
+    losses: dict[int, float] = field(default_factory=dict)  # global step -> mean local loss over that step
+    stopped_early: bool = False
+
+
+class Trainer:
+    def __init__(self, *, model: torch.nn.Module, optimizer: SwarmOptimizer, batches: Iterator[torch.Tensor],
+                 plan: DevicePlan, max_grad_norm: float, round_log: RoundLog, counters: WireCounters,
+                 publisher: ProgressPublisher):
+        self.model, self.opt, self.batches, self.plan = model, optimizer, batches, plan
+        self.max_grad_norm, self.round_log, self.counters, self.publisher = max_grad_norm, round_log, counters, publisher
+
+    def join_swarm(self) -> int:
+        """Download the newest state from peers (if any have progressed); returns the step we start at."""
+        logger.info("Downloading the current state from peers...")
+        self.opt.load_state_from_peers()
+        logger.info("Starting at global step %d", self.opt.local_epoch)
+        return self.opt.local_epoch
+
+    def wait_for_peers(self, count: int, stop: threading.Event, *, timeout: float) -> None:
+        """Hold off training until ``count`` trainers (this one included) report progress, up to ``timeout``."""
+        if count <= 1:
+            return
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and time.monotonic() < deadline:
+            seen = self.opt.tracker.global_progress.num_peers
+            if seen >= count:
+                logger.info("%d trainers are here; starting", seen)
+                return
+            logger.info("Waiting for %d trainers (%d visible)", count, seen)
+            stop.wait(1.0)
+        logger.warning("Only %d of %d trainers showed up within %.0f s; starting anyway",
+                       self.opt.tracker.global_progress.num_peers, count, timeout)
+
+    def train(self, *, max_steps: int | None, stop: threading.Event) -> TrainResult:
+        start = self.join_swarm()
+        result = TrainResult(start_step=start, final_step=start)
+        step_losses: list[float] = []
+        samples_done = tokens_done = 0
+        began = time.monotonic()
+        self.model.train()
+        while not stop.is_set():
+            if max_steps is not None and self.opt.local_epoch - start >= max_steps:
+                break
+            batch = next(self.batches).to(self.plan.device, non_blocking=True)
+            with self.plan.autocast():
+                loss = self.model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            if self.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            step_before = self.opt.local_epoch
+            self.opt.step()
+            self.opt.zero_grad()
+            step_losses.append(float(loss.detach()))
+            samples_done += batch.shape[0]
+            tokens_done += batch.numel()
+            if self.opt.local_epoch != step_before:
+                result.losses[step_before] = sum(step_losses) / len(step_losses)
+                logger.info("Global step %d done: local loss %.3f", self.opt.local_epoch, result.losses[step_before])
+                step_losses.clear()
+            elapsed = max(time.monotonic() - began, 1e-6)
+            self.publisher.maybe_publish(
+                step=self.opt.local_epoch, loss=result.losses.get(self.opt.local_epoch - 1, float(loss.detach())),
+                samples_done=samples_done, samples_per_second=samples_done / elapsed,
+                tokens_per_second=tokens_done / elapsed,
+            )
+        result.stopped_early = stop.is_set()
+        self._settle()
+        result.final_step = self.opt.local_epoch
+        return result
+
+    def _settle(self) -> None:
+        """Apply a background parameter-averaging round that finished after our last step."""
+        try:
+            self.opt.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
+        except Exception as error:  # a peer left mid-round: our own parameters are still valid
+            logger.warning("Last parameter averaging round did not finish: %s", error)
+
+
+def peer_seed(dht: hivemind.DHT, override: int | None) -> int:
+    """Data-order seed: from peer.seed when set, else from the peer id, so volunteers read different orders."""
+    from swarm.data import seed_from_peer_id
+
+    return override if override is not None else seed_from_peer_id(dht.peer_id.to_base58())
+
+
+def owner_subkey(private_key: RSAPrivateKey) -> bytes:
+    from hivemind.dht.crypto import RSASignatureValidator
+
+    return RSASignatureValidator(private_key).local_public_key
