@@ -8,16 +8,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from peers import demo, join, seed
-from peers.common import run_entry, setup_logging, install_stop_handlers
+from peers.common import install_stop_handlers, run_entry, setup_logging
 
 ROLES = {
-    "seed": (seed, "start the first peer of a new swarm and publish its config"),
-    "join": (join, "join a swarm as a trainer, given any live peer's address"),
-    "demo": (demo, "run a seed and N trainers on 127.0.0.1 and print a summary"),
+    "seed": "start the first peer of a new swarm and publish its config",
+    "join": "join a swarm as a trainer, given any live peer's address",
+    "demo": "run a seed and N trainers on 127.0.0.1 and print a summary",
 }
+
+
+def role(name: str):
+    """Roles are imported on demand: the seed and demo need no transformers, and start faster without."""
+    return importlib.import_module(f"peers.{name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, including hivemind's")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, summary) in ROLES.items():
+    for name, summary in ROLES.items():
+        module = role(name)
         sub = commands.add_parser(name, help=summary, description=module.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
@@ -36,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    module, _ = ROLES[args.command]
+    module = role(args.command)
     if getattr(args, "max_steps", None) is not None and args.max_steps < 1:
         parser.error("--max-steps must be at least 1")
     return run_entry(lambda: module.run(args, install_stop_handlers()))

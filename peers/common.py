@@ -19,28 +19,41 @@ EXIT_INTERRUPTED = 130
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """INFO speaks to volunteers; -v adds DEBUG and hivemind's own INFO messages."""
-    level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr, force=True)
+    """INFO speaks to volunteers; -v adds DEBUG, hivemind's own INFO messages and full tracebacks."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "INFO" if verbose else "WARNING")
-    quiet = logging.INFO if verbose else logging.WARNING
-    for name in ("hivemind", "bitsandbytes", "transformers", "asyncio"):
-        logging.getLogger(name).setLevel(quiet)
-    _quiet_hivemind(quiet)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*kernels.*")
+    try:  # hivemind installs its own handler on import: send its records through ours instead
+        from hivemind.utils import logging as hivemind_logging
 
-
-def _quiet_hivemind(level: int) -> None:
-    """hivemind installs its own handler on import; route it through ours at the chosen level."""
-    try:
-        from hivemind.utils import logging as hm_logging
-
-        hm_logging.use_hivemind_log_handler("nowhere")
-    except Exception:  # older or newer hivemind: its default handler stays, which is harmless
+        hivemind_logging.use_hivemind_log_handler("nowhere")
+    except Exception:  # another hivemind version: its own handler stays, which is harmless
         pass
-    logging.getLogger("hivemind").setLevel(level)
+    logging.getLogger("hivemind").setLevel(logging.INFO if verbose else logging.WARNING)
+    # bitsandbytes warns on some CPUs that an optional 4-bit kernel package is absent (we use 8-bit codecs
+    # only); transformers notes config defaults; asyncio reports tasks hivemind leaves at exit. None of it
+    # is actionable for a volunteer.
+    for name in ("bitsandbytes", "transformers", "asyncio"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    if not verbose:
+        for handler in logging.getLogger().handlers:  # inherited by hivemind's forked processes too
+            handler.addFilter(_OneLineHivemind())
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")  # inside hivemind's uniform8 codec
+
+
+class _OneLineHivemind(logging.Filter):
+    """Without -v, hivemind's errors show as one line, not a traceback; and the traceback its DHT process logs
+    when an averager exits with a request in flight (the socket that carried it is gone) is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("hivemind") or not record.exc_info:
+            return True
+        error = record.exc_info[1]
+        if isinstance(error, (FileNotFoundError, ConnectionRefusedError)) and record.name == "hivemind.dht.dht":
+            return False
+        record.exc_info, record.exc_text = None, None
+        return True
 
 
 def install_stop_handlers() -> threading.Event:

@@ -25,7 +25,6 @@ from swarm.data import train_batches
 from swarm.devices import choose_batch_size, choose_device
 from swarm.discovery import fetch_config, keep_alive
 from swarm.errors import SwarmError
-from swarm.model import build_model, count_parameters
 from swarm.optimizer import build_optimizer
 from swarm.progress import ProgressPublisher
 from swarm.rounds import PartialRoundWatch, RoundLog
@@ -49,7 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-id", help="which swarm, if several advertise through this address")
     parser.add_argument("--wait-for-peers", type=int, default=1, metavar="N",
                         help="start training only once N trainers (this one included) are visible (default 1)")
+    parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="how long to retry unreachable addresses before giving up (default 60)")
     parser.add_argument("--report-json", help="write this peer's outcome (rounds, losses, bytes) here on exit")
+    parser.add_argument("--save-model", metavar="DIR", help="save the final model here (Hugging Face format) on exit")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a per-peer field, e.g. --set peer.seed=7; shared fields must match the swarm")
 
@@ -81,7 +83,7 @@ def connect(args: argparse.Namespace, overrides: list[str]):
     identity_path, private_key = net.load_identity(local.identity)
     dht = net.start_dht(initial_peers=addresses, host=local.host, port=local.port, identity_path=identity_path,
                         announce=local.announce, client_mode=local.client_mode,
-                        validators=records.base_validators(private_key), join_timeout=60.0)
+                        validators=records.base_validators(private_key), join_timeout=args.timeout)
     try:
         published = fetch_config(dht, run_id=args.run_id, timeout=30.0)
         config = adopt_shared(published.shared, overrides)
@@ -103,6 +105,9 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         trainer.wait_for_peers(args.wait_for_peers, stop, timeout=config.timeouts.join)
         result = trainer.train(max_steps=args.max_steps, stop=stop)
         write_report(args.report_json, result, round_log, counters, num_params, dht)
+        if args.save_model:
+            trainer.model.save_pretrained(args.save_model)
+            logger.info("Saved the model to %s", args.save_model)
         logger.info("Done: took part in global steps %d -> %d", result.start_step, result.final_step)
         return 0 if not result.stopped_early or args.max_steps is None else 130
     finally:
@@ -112,6 +117,8 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
 
 
 def build_trainer(config: SwarmConfig, dht, private_key):
+    from swarm.model import build_model, count_parameters  # transformers: slow to import, needed only here
+
     plan = choose_device(config.peer.device)
     tokenizer = build_tokenizer(config.tokenizer)
     model = build_model(config.model, vocab_size=tokenizer.vocab_size).to(plan.device)

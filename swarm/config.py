@@ -76,7 +76,8 @@ class AveragingConfig(_Section):
     target_batch_size: int = Field(256, ge=1, description="samples the whole swarm accumulates per global step")
     compression: Compression = "blockwise8"
     state_compression: Compression = Field("fp16", description="codec for parameter/optimizer-state averaging")
-    load_state_compression: Compression = Field("fp16", description="codec for state downloads by joiners")
+    # fp32 by default: in fp16, Adam's small second moments underflow to 0 and the next step explodes
+    load_state_compression: Compression = Field("none", description="codec for state downloads by joiners")
     average_state_every: int = Field(1, ge=1, description="global steps between parameter averaging rounds")
     size_threshold: int = Field(2**16, ge=0, description="tensors smaller than this many values go as fp16")
     part_size_bytes: int = Field(2**19, ge=2**12)
@@ -138,6 +139,12 @@ class SwarmConfig(_Section):
     @classmethod
     def _no_dots(cls, value: str) -> str:
         return value  # the pattern already forbids '.', which hivemind uses inside its DHT keys
+
+    @model_validator(mode="after")
+    def _sequences_fit_the_model(self) -> "SwarmConfig":
+        if self.model.checkpoint is None and self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        return self
 
     def shared(self) -> dict[str, Any]:
         """The part every peer must agree on, as plain data (what the seed publishes)."""

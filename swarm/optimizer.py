@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from typing import Iterable
 
 import hivemind
@@ -29,7 +30,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.round_log, self.partial_watch = round_log, partial_watch
         self._partial_seen = partial_watch.count
         self._recorded_epoch = -1
-        super().__init__(grad_averager_factory=counting_averager(GradientAverager, "grad"), **kwargs)
+        self._joined = False
+        super().__init__(**kwargs)
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         state_cls = counting_averager(TrainingStateAverager, "state")
@@ -41,14 +43,23 @@ class SwarmOptimizer(hivemind.Optimizer):
             client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs,
         )
 
-    def _record(self, outcome: str, group_size: int, reason: str = "") -> None:
-        if self._recorded_epoch == self.local_epoch:
+    def _record(self, outcome: str, group_size: int, reason: str = "", step: int | None = None) -> None:
+        step = self.local_epoch if step is None else step
+        if self._recorded_epoch == step:
             return  # one record per global step
-        self._recorded_epoch = self.local_epoch
+        self._recorded_epoch = step
         if outcome == "averaged" and self.partial_watch.count > self._partial_seen:
             outcome, reason = "partial", "some peers' parts were missing from the all-reduce"
         self._partial_seen = self.partial_watch.count
-        self.round_log.record(Round(step=self.local_epoch, outcome=outcome, group_size=group_size, reason=reason))
+        self.round_log.record(Round(step=step, outcome=outcome, group_size=group_size, reason=reason))
+
+    def load_state_from_peers(self, **kwargs) -> None:
+        behind_at = self.local_epoch
+        super().load_state_from_peers(**kwargs)
+        if self._joined:  # mid-run: this peer fell behind, and the gradients it accumulated were dropped
+            self._record("skipped", 1, f"fell behind the swarm; downloaded its state at step {self.local_epoch}",
+                         step=behind_at)
+        self._joined = True
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         began = super()._begin_averaging_gradients(grad_scaler)
@@ -87,6 +98,12 @@ def build_optimizer(
     def codec(name: str):
         return build_compression(name, size_threshold=averaging.size_threshold)
 
+    averager_opts = dict(request_timeout=timeouts.request, part_size_bytes=averaging.part_size_bytes)
+    # hivemind passes averager_opts to the state averager only. allow_state_sharing=False: joiners need
+    # parameters and optimizer state, not others' half-accumulated gradients, which hivemind would otherwise
+    # download in fp32 and throw away.
+    grad_averager = partial(counting_averager(GradientAverager, "grad"), allow_state_sharing=False, **averager_opts)
+
     return SwarmOptimizer(
         round_log=round_log,
         partial_watch=partial_watch,
@@ -112,8 +129,11 @@ def build_optimizer(
         grad_compression=codec(averaging.compression),
         state_averaging_compression=codec(averaging.state_compression),
         load_state_compression=codec(averaging.load_state_compression),
-        averager_opts=dict(request_timeout=timeouts.request, part_size_bytes=averaging.part_size_bytes),
-        tracker_opts=dict(private_key=private_key, min_refresh_period=0.5, max_refresh_period=5.0),
+        grad_averager_factory=grad_averager,
+        averager_opts=averager_opts,
+        # refresh the swarm's progress often enough that no peer notices the end of a step a matchmaking late
+        tracker_opts=dict(private_key=private_key, min_refresh_period=0.5,
+                          max_refresh_period=max(1.0, min(timeouts.matchmaking / 2, 10.0))),
         verbose=False,
     )
 

@@ -21,7 +21,8 @@ class ProgressPublisher:
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, subkey: bytes, device: str, round_log: RoundLog,
                  counters: WireCounters, ttl: float, period: float = 2.0):
-        self.dht, self.key, self.subkey, self.device = dht, metrics_key(run_id), subkey, device
+        self.dht, self.run_id, self.subkey, self.device = dht, run_id, subkey, device
+        self.key = metrics_key(run_id)
         self.round_log, self.counters, self.ttl, self.period = round_log, counters, ttl, period
         self._last = 0.0
 
@@ -34,7 +35,10 @@ class ProgressPublisher:
         record = self.record(step=step, loss=loss, samples_done=samples_done,
                              samples_per_second=samples_per_second, tokens_per_second=tokens_per_second)
         self.dht.store(self.key, record.dict(), expiration_time=get_dht_time() + self.ttl, subkey=self.subkey,
-                       return_future=True)
+                       return_future=not force)
+
+    def live_trainers(self) -> int:
+        return len(read_trainer_records(self.dht, self.run_id))
 
     def record(self, *, step: int, loss: float, samples_done: int, samples_per_second: float,
                tokens_per_second: float) -> TrainerRecord:

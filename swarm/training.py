@@ -50,19 +50,22 @@ class Trainer:
         return self.opt.local_epoch
 
     def wait_for_peers(self, count: int, stop: threading.Event, *, timeout: float) -> None:
-        """Hold off training until ``count`` trainers (this one included) report progress, up to ``timeout``."""
+        """Hold off training until ``count`` trainers (this one included) publish records, up to ``timeout``."""
         if count <= 1:
             return
         deadline = time.monotonic() + timeout
+        seen = 0
         while not stop.is_set() and time.monotonic() < deadline:
-            seen = self.opt.tracker.global_progress.num_peers
+            self.publisher.maybe_publish(step=self.opt.local_epoch, loss=0.0, samples_done=0, samples_per_second=0.0,
+                                         tokens_per_second=0.0, force=True)
+            seen = self.publisher.live_trainers()
             if seen >= count:
                 logger.info("%d trainers are here; starting", seen)
                 return
             logger.info("Waiting for %d trainers (%d visible)", count, seen)
-            stop.wait(1.0)
-        logger.warning("Only %d of %d trainers showed up within %.0f s; starting anyway",
-                       self.opt.tracker.global_progress.num_peers, count, timeout)
+            stop.wait(0.5)  # short: trainers that start together make the first global step together
+        if not stop.is_set():
+            logger.warning("Only %d of %d trainers showed up within %.0f s; starting anyway", seen, count, timeout)
 
     def train(self, *, max_steps: int | None, stop: threading.Event) -> TrainResult:
         start = self.join_swarm()

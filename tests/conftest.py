@@ -1,0 +1,102 @@
+"""Shared fixtures: real peer processes on 127.0.0.1, each stopped (with all its children) after the test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+class PeerProcesses:
+    """Starts ``swarm`` subcommands as real processes; remembers every descendant so nothing outlives a test."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.seen: dict[int, psutil.Process] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "peers.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
+
+    def remember_children(self) -> None:
+        for proc in self.procs.values():
+            try:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    self.seen.setdefault(child.pid, child)
+            except psutil.NoSuchProcess:
+                pass
+
+    def wait(self, name: str, timeout: float) -> int:
+        proc = self.procs[name]
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            self.remember_children()
+            time.sleep(0.5)
+        if proc.poll() is None:
+            raise AssertionError(f"{name} still running after {timeout:.0f} s; log tail:\n{self.log(name)[-3000:]}")
+        return proc.returncode
+
+    def wait_file(self, path: Path, name: str, timeout: float = 120) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.remember_children()
+            if path.exists():
+                return [line for line in path.read_text().splitlines() if line.strip()]
+            if self.procs[name].poll() is not None:
+                raise AssertionError(f"{name} exited early:\n{self.log(name)[-3000:]}")
+            time.sleep(0.3)
+        raise AssertionError(f"{path} did not appear within {timeout} s:\n{self.log(name)[-3000:]}")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs[name]
+        self.remember_children()
+        if proc.poll() is None:
+            proc.send_signal(sig)
+
+    def close(self) -> None:
+        self.remember_children()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        _, alive = psutil.wait_procs(list(self.seen.values()), timeout=10)
+        for child in alive:  # only descendants of processes this fixture started
+            child.kill()
+
+    def leftovers(self) -> list[psutil.Process]:
+        return [p for p in self.seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture
+def peers(tmp_path):
+    procs = PeerProcesses(tmp_path)
+    yield procs
+    procs.close()
+
+
+def swarm_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``swarm ARGS`` to completion (for commands expected to exit by themselves)."""
+    return subprocess.run([sys.executable, "-m", "peers.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)

@@ -1,0 +1,116 @@
+"""Every subcommand through a real subprocess: --help, and bad input answered with one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import signal
+import socket
+
+import pytest
+
+from conftest import TINY, swarm_cli
+
+FAKE_PEER = "/ip4/127.0.0.1/tcp/{port}/p2p/QmXbWuVnPxYeSy3nnKxPfFd52qUDeK1fFsqH8bX9TaJRJK"
+
+
+def assert_one_line_error(result, *words: str) -> None:
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("command", [[], ["seed"], ["join"], ["demo"]])
+def test_help(command):
+    result = swarm_cli(*command, "--help")
+    assert result.returncode == 0
+    assert "usage: swarm" in result.stdout
+    if command:
+        assert "--" in result.stdout and len(result.stdout.splitlines()) > 5
+
+
+def test_no_command_is_a_usage_error():
+    result = swarm_cli()
+    assert result.returncode == 2 and "usage" in result.stderr
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, ["does not exist"]),
+    ("run_id: x\nmodel: {n_layer: [\n", ["broken YAML"]),
+    ("run_id: x\nmodel:\n  n_layers: 2\n", ["unknown field model.n_layers", "n_layer"]),
+    ("run_id: x\nmodel:\n  n_layer: two\n", ["model.n_layer"]),
+    ("run_id: has.dot\n", ["run_id"]),
+])
+def test_seed_rejects_bad_configs(tmp_path, content, words):
+    path = tmp_path / "config.yaml"
+    if content is not None:
+        path.write_text(content)
+    assert_one_line_error(swarm_cli("seed", "--config", str(path)), *words)
+
+
+def test_unreadable_config(tmp_path):
+    path = tmp_path / "dir.yaml"
+    path.mkdir()
+    assert_one_line_error(swarm_cli("seed", "--config", str(path)), "cannot read")
+
+
+def test_bad_set_override():
+    assert_one_line_error(swarm_cli("seed", "--config", TINY, "--set", "averaging.compression=zip"),
+                          "averaging.compression")
+
+
+@pytest.mark.parametrize("address, words", [
+    ("not-an-address", ["not a valid multiaddr"]),
+    ("/ip4/127.0.0.1/tcp/5", ["peer id"]),
+    ("/ip4/999.1.1.1/tcp/5/p2p/Qm", ["not a valid multiaddr"]),
+])
+def test_join_rejects_malformed_addresses(address, words):
+    assert_one_line_error(swarm_cli("join", address), *words)
+
+
+def test_join_unreachable_peer_gives_up_with_advice():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once closed
+    result = swarm_cli("join", FAKE_PEER.format(port=port), "--timeout", "3")
+    assert_one_line_error(result, "could not reach", "firewall", "--host")
+
+
+def test_port_in_use():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert_one_line_error(swarm_cli("seed", "--config", TINY, "--port", str(port)), "already in use", "--port")
+
+
+def test_corrupt_identity_file(tmp_path):
+    identity = tmp_path / "id.key"
+    identity.write_bytes(b"\x00garbage\xff" * 10)
+    assert_one_line_error(swarm_cli("seed", "--config", TINY, "--identity", str(identity)), "corrupt", str(identity))
+    assert identity.read_bytes() == b"\x00garbage\xff" * 10  # never overwritten: the user may want it back
+
+
+def test_joiner_conflicting_with_swarm_config(peers, tmp_path):
+    peers.start("seed", "seed", "--config", TINY, "--addr-file", str(tmp_path / "seed.addr"))
+    addresses = peers.wait_file(tmp_path / "seed.addr", "seed")
+    result = swarm_cli("join", *addresses, "--set", "averaging.compression=none", "--timeout", "20")
+    assert_one_line_error(result, "averaging.compression", "conflicts")
+    result = swarm_cli("join", *addresses, "--set", "peer.batch_size=-1", "--timeout", "20")
+    assert_one_line_error(result, "peer.batch_size")
+
+
+def test_seed_stops_cleanly_on_sigint(peers, tmp_path):
+    peers.start("seed", "seed", "--config", TINY, "--addr-file", str(tmp_path / "seed.addr"))
+    addresses = peers.wait_file(tmp_path / "seed.addr", "seed")
+    assert addresses[0].startswith("/ip4/127.0.0.1/tcp/") and "/p2p/" in addresses[0]
+    assert "swarm join " + addresses[0] in peers.log("seed")
+    peers.remember_children()
+    assert peers.seen, "the seed should run a DHT process and p2pd"
+    peers.stop("seed", signal.SIGINT)
+    assert peers.wait("seed", 30) == 0
+    import psutil
+
+    psutil.wait_procs(list(peers.seen.values()), timeout=10)
+    assert not peers.leftovers(), [p.cmdline() for p in peers.leftovers()]

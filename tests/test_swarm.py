@@ -1,0 +1,153 @@
+"""A real swarm on 127.0.0.1: a seed, three trainers, then the seed leaves and a late joiner comes in through a
+trainer's address. One swarm serves several assertions, because each one costs a minute of CPU on 2 cores."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import hivemind
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, PeerProcesses
+from swarm import records
+from swarm.progress import read_trainer_records
+
+STEPS = 12  # long enough for the late joiner (started at step 1) to start up and take 2 steps
+LATE_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def swarm_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("swarm")
+    procs = PeerProcesses(work)
+    try:
+        procs.start("seed", "seed", "--config", TINY, "--addr-file", str(work / "seed.addr"))
+        seed_addrs = procs.wait_file(work / "seed.addr", "seed")
+        for i in range(3):
+            procs.start(f"trainer-{i}", "join", *seed_addrs, "--max-steps", str(STEPS), "--wait-for-peers", "3",
+                        "--report-json", str(work / f"trainer-{i}.json"), "--save-model", str(work / f"model-{i}"),
+                        "--addr-file", str(work / f"trainer-{i}.addr"))
+        trainer_addrs = procs.wait_file(work / "trainer-0.addr", "trainer-0")
+        wait_for_step(procs, "trainer-0", 1)
+        procs.stop("seed")  # the swarm must not need its seed any more
+        assert procs.wait("seed", 30) == 0
+        metrics = read_records(trainer_addrs)  # while the trainers run: records expire after they leave
+        procs.start("late", "join", *trainer_addrs, "--max-steps", str(LATE_STEPS),
+                    "--report-json", str(work / "late.json"))
+        codes = {name: procs.wait(name, 300) for name in ["trainer-0", "trainer-1", "trainer-2", "late"]}
+        yield work, procs, codes, metrics
+    finally:
+        procs.close()
+
+
+def wait_for_step(procs: PeerProcesses, name: str, step: int, timeout: float = 240) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if f"Global step {step} done" in procs.log(name):
+            return
+        assert procs.procs[name].poll() is None, procs.log(name)[-3000:]
+        procs.remember_children()
+        time.sleep(0.5)
+    raise AssertionError(f"{name} did not reach step {step}:\n{procs.log(name)[-3000:]}")
+
+
+def read_records(addresses: list[str]) -> dict:
+    """Read the trainers' progress records as a monitor would (they live for timeouts.record_ttl)."""
+    key = hivemind.utils.crypto.RSAPrivateKey()
+    dht = hivemind.DHT(initial_peers=addresses, client_mode=True, start=True,
+                       record_validators=records.base_validators(key) + records.run_validators("tiny"))
+    try:
+        return read_trainer_records(dht, "tiny")
+    finally:
+        dht.shutdown()
+
+
+def report(work: Path, name: str) -> dict:
+    return json.loads((work / f"{name}.json").read_text())
+
+
+def test_trainers_and_late_joiner_exit_cleanly(swarm_run):
+    work, procs, codes, _ = swarm_run
+    assert codes == {"trainer-0": 0, "trainer-1": 0, "trainer-2": 0, "late": 0}, {
+        name: procs.log(name)[-2000:] for name, code in codes.items() if code
+    }
+
+
+def test_every_step_averaged_by_at_least_two_peers(swarm_run):
+    work, *_ = swarm_run
+    by_step: dict[int, list[dict]] = {}
+    for name in ["trainer-0", "trainer-1", "trainer-2"]:
+        result = report(work, name)
+        assert result["final_step"] - result["start_step"] >= STEPS
+        for round_ in result["rounds"]:
+            by_step.setdefault(round_["step"], []).append(round_)
+        outcomes = [r["outcome"] for r in result["rounds"]]
+        # a trainer that starts a moment late may miss step 0 and catch up; after that it averages every step
+        assert outcomes.count("averaged") >= STEPS - 1, f"{name}: {result['rounds']}"
+        assert "partial" not in outcomes and "failed" not in outcomes, f"{name}: {result['rounds']}"
+    for step in range(STEPS):
+        averaged = [r for r in by_step.get(step, []) if r["outcome"] == "averaged" and r["group_size"] >= 2]
+        assert len(averaged) >= 2, f"global step {step} was not averaged by >= 2 peers: {by_step.get(step)}"
+
+
+def test_gradients_travel_as_8_bit(swarm_run):
+    work, *_ = swarm_run
+    grad = report(work, "trainer-0")["wire"]["grad"]
+    assert grad["sent_values"] > 0
+    assert 1.0 <= grad["sent_bytes"] / grad["sent_values"] < 1.1  # blockwise 8-bit; fp32 would be 4
+    assert "BLOCKWISE_8BIT" in grad["by_codec"]
+
+
+def test_parameters_agree_after_state_averaging(swarm_run):
+    work, *_ = swarm_run
+    models = [load_file(work / f"model-{i}" / "model.safetensors") for i in range(3)]
+    reference = models[0]
+    for other in models[1:]:
+        assert other.keys() == reference.keys()
+        for name, tensor in reference.items():
+            assert torch.isfinite(tensor).all()
+            torch.testing.assert_close(other[name], tensor, atol=2e-3, rtol=1e-2, msg=f"{name} differs")
+    initial_gap = max((t.float().std() for t in reference.values() if t.numel() > 1000))
+    assert initial_gap > 0  # the models are not trivially zero
+
+
+def test_training_loss_falls(swarm_run):
+    work, *_ = swarm_run
+    losses: dict[int, list[float]] = {}
+    for i in range(3):
+        for step, loss in report(work, f"trainer-{i}")["losses"].items():
+            losses.setdefault(int(step), []).append(loss)
+    steps = sorted(losses)
+    first, last = sum(losses[steps[0]]) / 3, sum(losses[steps[-1]]) / 3
+    assert last < first - 0.5, losses
+
+
+def test_late_joiner_downloads_state_through_a_trainer(swarm_run):
+    work, procs, *_ = swarm_run
+    late = report(work, "late")
+    assert late["start_step"] >= 2, "the late joiner should start from the swarm's step, not from 0"
+    assert late["final_step"] - late["start_step"] >= LATE_STEPS
+    assert any(r["outcome"] == "averaged" and r["group_size"] >= 2 for r in late["rounds"]), late["rounds"]
+    assert "Joined swarm 'tiny'" in procs.log("late")
+
+
+def test_progress_records_in_the_dht(swarm_run):
+    *_, metrics = swarm_run
+    assert metrics, "no trainer progress records found in the DHT"
+    for record in metrics.values():
+        assert record.step >= 1
+        assert record.bytes_sent > 0 and record.rounds_averaged >= 1
+        assert record.device == "cpu-fp32"
+
+
+def test_no_helper_process_outlives_the_swarm(swarm_run):
+    *_, = swarm_run
+    work, procs, *_ = swarm_run
+    procs.close()
+    assert not procs.leftovers(), [p.cmdline() for p in procs.leftovers()]
