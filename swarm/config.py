@@ -198,7 +198,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "config"
+    where = ".".join(str(part) for part in first["loc"])
     kind, message = first["type"], first["msg"]
     if kind == "extra_forbidden":
         parent = first["loc"][:-1]
@@ -211,7 +211,7 @@ def _describe(error: ValidationError) -> str:
     got = first.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     more = f" (+{len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
-    return f"{where}: {message}{shown}{more}"
+    return f"{where}: {message}{shown}{more}" if where else f"{message}{more}"
 
 
 def _allowed_fields(loc: tuple) -> list[str]:

@@ -1,0 +1,59 @@
+"""``swarm demo`` end to end, and Ctrl-C leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from conftest import ROOT
+
+
+def test_demo_summary(tmp_path):
+    summary_path = tmp_path / "summary.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "peers.cli", "demo", "--peers", "2", "--steps", "3", "--summary-json",
+         str(summary_path), "--workdir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=400, cwd=ROOT, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Summary" in result.stdout and "Seed ready" in result.stdout
+    summary = json.loads(summary_path.read_text())
+    for key in ("steps", "min_peers_averaged", "loss_first", "loss_last", "wire_bytes_per_param"):
+        assert key in summary
+    assert summary["steps"] >= 3
+    assert summary["min_peers_averaged"] >= 2
+    assert summary["loss_last"] < summary["loss_first"]
+    assert 1.0 <= summary["wire_bytes_per_param"] < 1.1
+    assert summary["bytes_saved"] > 0
+
+
+def test_demo_ctrl_c_stops_every_process(tmp_path):
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "peers.cli", "demo", "--peers", "2", "--steps", "50", "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, stdin=subprocess.DEVNULL,
+    )
+    seen: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not list(tmp_path.glob("trainer-*.log")):
+            time.sleep(0.5)
+        time.sleep(15)  # trainers are importing, building models, forking averagers and p2pd
+        for child in psutil.Process(demo.pid).children(recursive=True):
+            seen[child.pid] = child
+        assert any("p2pd" in p.name() for p in seen.values()), [p.name() for p in seen.values()]
+        demo.send_signal(signal.SIGINT)
+        output, _ = demo.communicate(timeout=90)
+        assert demo.returncode != 0 or "Summary" not in output
+        _, alive = psutil.wait_procs(list(seen.values()), timeout=15)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        for child in seen.values():
+            if child.is_running():
+                child.kill()
