@@ -102,8 +102,8 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         keep_alive(dht, published, ttl=config.timeouts.config_ttl)
         net.write_addr_file(args.addr_file, net.reachable_maddrs(dht))
         trainer, optimizer, round_log, counters, num_params = build_trainer(config, dht, private_key)
-        trainer.wait_for_peers(args.wait_for_peers, stop, timeout=config.timeouts.join)
-        result = trainer.train(max_steps=args.max_steps, stop=stop)
+        result = trainer.train(max_steps=args.max_steps, stop=stop, wait_for=args.wait_for_peers,
+                               wait_timeout=config.timeouts.join)
         write_report(args.report_json, result, round_log, counters, num_params, dht)
         if args.save_model:
             trainer.model.save_pretrained(args.save_model)

@@ -1,0 +1,13 @@
+"""The swarm library: everything a peer needs, with no argv parsing, logging set-up or process starting.
+
+- ``config``: the one typed swarm config (shared sections vs ``peer``), YAML loading, ``--set`` overrides.
+- ``records``: DHT key names and record schemas (signed config, trainers' progress records) and validators.
+- ``net``: identities, multiaddr checks, starting the DHT with bounded retries and clear errors.
+- ``discovery``: publishing the signed config and fetching it given nothing but an address.
+- ``tokenizer``, ``data``, ``model``: byte tokenizer, corpora and per-peer shards, causal LMs from configs.
+- ``compression``: the averaging codecs, wire byte counters, and a start-up check of the 8-bit codecs.
+- ``optimizer``: hivemind.Optimizer built from the config, recording each global step's averaging outcome.
+- ``rounds``: round outcomes (averaged / partial / skipped / failed) and partial-round detection.
+- ``devices``: device, precision and batch size choices.
+- ``training``: the training loop; ``progress``: publishing/reading progress records; ``summary``: run summaries.
+"""

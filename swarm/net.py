@@ -6,9 +6,11 @@ records, so a peer's records can be tied to its peer id.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -54,12 +56,11 @@ def parse_peer_addresses(addresses: Sequence[str]) -> list[str]:
 def load_identity(path: str | None) -> tuple[str, RSAPrivateKey]:
     """(identity file path, its RSA key). Creates the file when missing; a throwaway one when path is None."""
     if path is None:
-        handle, path = tempfile.mkstemp(prefix="swarm-identity-")
-        os.close(handle)
-        os.unlink(path)
+        folder = tempfile.mkdtemp(prefix="swarm-identity-")
+        path = os.path.join(folder, "identity.key")
         P2P.generate_identity(path)
-        key = _read_identity(path)
-        return path, key
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        return path, _read_identity(path)
     file = Path(path)
     if not file.exists():
         if not file.parent.is_dir():

@@ -132,7 +132,8 @@ def build_optimizer(
         grad_averager_factory=grad_averager,
         averager_opts=averager_opts,
         # refresh the swarm's progress often enough that no peer notices the end of a step a matchmaking late
-        tracker_opts=dict(private_key=private_key, min_refresh_period=0.5,
+        # (and while it sees no other peer, look again soon: the first global step must not go alone)
+        tracker_opts=dict(private_key=private_key, min_refresh_period=0.5, default_refresh_period=0.5,
                           max_refresh_period=max(1.0, min(timeouts.matchmaking / 2, 10.0))),
         verbose=False,
     )

@@ -27,18 +27,16 @@ class ProgressPublisher:
         self._last = 0.0
 
     def maybe_publish(self, *, step: int, loss: float, samples_done: int, samples_per_second: float,
-                      tokens_per_second: float, force: bool = False) -> None:
+                      tokens_per_second: float, wait: bool = False) -> None:
+        """Store a fresh record if ``period`` has passed (``wait``: always, and block until stored)."""
         now = time.monotonic()
-        if not force and now - self._last < self.period:
+        if not wait and now - self._last < self.period:
             return
         self._last = now
         record = self.record(step=step, loss=loss, samples_done=samples_done,
                              samples_per_second=samples_per_second, tokens_per_second=tokens_per_second)
         self.dht.store(self.key, record.dict(), expiration_time=get_dht_time() + self.ttl, subkey=self.subkey,
-                       return_future=not force)
-
-    def live_trainers(self) -> int:
-        return len(read_trainer_records(self.dht, self.run_id))
+                       return_future=not wait)
 
     def record(self, *, step: int, loss: float, samples_done: int, samples_per_second: float,
                tokens_per_second: float) -> TrainerRecord:

@@ -16,12 +16,14 @@ from typing import Iterator
 
 import hivemind
 import torch
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.compression import WireCounters
+from swarm.data import seed_from_peer_id
 from swarm.devices import DevicePlan
 from swarm.optimizer import SwarmOptimizer
-from swarm.progress import ProgressPublisher
+from swarm.progress import ProgressPublisher, read_trainer_records
 from swarm.rounds import RoundLog
 
 logger = logging.getLogger(__name__)
@@ -50,25 +52,28 @@ class Trainer:
         return self.opt.local_epoch
 
     def wait_for_peers(self, count: int, stop: threading.Event, *, timeout: float) -> None:
-        """Hold off training until ``count`` trainers (this one included) publish records, up to ``timeout``."""
+        """Hold off training until ``count`` trainers (this one included) have published progress records,
+        so that trainers started together make their first global step together."""
         if count <= 1:
             return
         deadline = time.monotonic() + timeout
         seen = 0
         while not stop.is_set() and time.monotonic() < deadline:
             self.publisher.maybe_publish(step=self.opt.local_epoch, loss=0.0, samples_done=0, samples_per_second=0.0,
-                                         tokens_per_second=0.0, force=True)
-            seen = self.publisher.live_trainers()
+                                         tokens_per_second=0.0, wait=True)
+            seen = len(read_trainer_records(self.publisher.dht, self.publisher.run_id))
             if seen >= count:
                 logger.info("%d trainers are here; starting", seen)
                 return
             logger.info("Waiting for %d trainers (%d visible)", count, seen)
-            stop.wait(0.5)  # short: trainers that start together make the first global step together
+            stop.wait(0.5)
         if not stop.is_set():
             logger.warning("Only %d of %d trainers showed up within %.0f s; starting anyway", seen, count, timeout)
 
-    def train(self, *, max_steps: int | None, stop: threading.Event) -> TrainResult:
+    def train(self, *, max_steps: int | None, stop: threading.Event, wait_for: int = 1,
+              wait_timeout: float = 60.0) -> TrainResult:
         start = self.join_swarm()
+        self.wait_for_peers(wait_for, stop, timeout=wait_timeout)
         result = TrainResult(start_step=start, final_step=start)
         step_losses: list[float] = []
         samples_done = tokens_done = 0
@@ -114,12 +119,9 @@ class Trainer:
 
 def peer_seed(dht: hivemind.DHT, override: int | None) -> int:
     """Data-order seed: from peer.seed when set, else from the peer id, so volunteers read different orders."""
-    from swarm.data import seed_from_peer_id
-
     return override if override is not None else seed_from_peer_id(dht.peer_id.to_base58())
 
 
 def owner_subkey(private_key: RSAPrivateKey) -> bytes:
-    from hivemind.dht.crypto import RSASignatureValidator
-
+    """The ``[owner:<public key>]`` subkey under which only this peer can write its progress record."""
     return RSASignatureValidator(private_key).local_public_key
