@@ -59,8 +59,13 @@ class _OneLineHivemind(logging.Filter):
 def install_stop_handlers() -> threading.Event:
     """SIGINT/SIGTERM set the returned event (a graceful stop); a second signal interrupts at once."""
     stop = threading.Event()
+    owner = os.getpid()
 
     def handler(signum, frame):
+        if os.getpid() != owner:  # a forked hivemind process (DHT, averager): let the signal end it as usual
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if stop.is_set():
             raise KeyboardInterrupt
         logger.info("Received %s: shutting down (send it again to force)", signal.Signals(signum).name)
