@@ -152,7 +152,8 @@ def print_summary(summary: dict) -> None:
     print(f"  fewest peers in any round:    {summary['min_peers_averaged']}")
     print(f"  rounds averaged/partial/skipped/failed: {summary['rounds']}")
     print(f"  training loss:                {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}")
-    print(f"  gradient wire bytes/param:    {summary['wire_bytes_per_param']:.3f} (fp32 would be 4.0)")
+    print(f"  gradient wire bytes/param:    {summary['wire_bytes_per_param']:.3f} (fp32 would be 4.0); "
+          f"{summary['grad_bytes_per_param_per_round']:.3f} sent per peer per round")
     print(f"  bytes sent by all peers:      {summary['bytes_sent'] / 1e6:.1f} MB "
           f"(fp32 would be {summary['bytes_sent_fp32'] / 1e6:.1f} MB; saved {summary['bytes_saved'] / 1e6:.1f} MB)")
     print(flush=True)
