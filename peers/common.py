@@ -50,7 +50,7 @@ class _OneLineHivemind(logging.Filter):
         if not record.name.startswith("hivemind") or not record.exc_info:
             return True
         error = record.exc_info[1]
-        if isinstance(error, (FileNotFoundError, ConnectionRefusedError)) and record.name == "hivemind.dht.dht":
+        if isinstance(error, (FileNotFoundError, ConnectionError)) and record.name == "hivemind.dht.dht":
             return False
         record.exc_info, record.exc_text = None, None
         return True

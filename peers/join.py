@@ -23,7 +23,7 @@ from swarm import compression, net, records
 from swarm.config import SwarmConfig, adopt_shared, peer_from_overrides
 from swarm.data import train_batches
 from swarm.devices import choose_batch_size, choose_device
-from swarm.discovery import fetch_config, keep_alive
+from swarm.discovery import fetch_config, keep_alive, keep_alive_until
 from swarm.errors import SwarmError
 from swarm.optimizer import build_optimizer
 from swarm.progress import ProgressPublisher
@@ -99,7 +99,9 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
     dht, private_key, config, published = connect(args, local_overrides(args))
     optimizer = None
     try:
-        keep_alive(dht, published, ttl=config.timeouts.config_ttl)
+        keep_alive(dht, published, ttl=config.timeouts.config_ttl)  # the config outlives the seed through us
+        threading.Thread(target=keep_alive_until, args=(stop, dht, published), daemon=True,
+                         kwargs=dict(ttl=config.timeouts.config_ttl), name="config-keep-alive").start()
         net.write_addr_file(args.addr_file, net.reachable_maddrs(dht))
         trainer, optimizer, round_log, counters, num_params = build_trainer(config, dht, private_key)
         result = trainer.train(max_steps=args.max_steps, stop=stop, wait_for=args.wait_for_peers,

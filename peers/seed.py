@@ -15,7 +15,7 @@ import threading
 
 from swarm import net, records
 from swarm.config import SwarmConfig, load_config
-from swarm.discovery import keep_alive, publish_config
+from swarm.discovery import keep_alive_until, publish_config
 
 logger = logging.getLogger("swarm.seed")
 
@@ -49,9 +49,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         addresses = net.reachable_maddrs(dht)
         announce(config, addresses)
         net.write_addr_file(args.addr_file, addresses)
-        refresh = min(config.timeouts.config_ttl / 4, 60.0)
-        while not stop.wait(refresh):
-            keep_alive(dht, published, ttl=config.timeouts.config_ttl)
+        keep_alive_until(stop, dht, published, ttl=config.timeouts.config_ttl)
         return 0
     finally:
         logger.info("Seed shutting down")

@@ -7,6 +7,7 @@ then, so the config outlives the seed and any live peer can hand it to a newcome
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -46,6 +47,12 @@ def keep_alive(dht: hivemind.DHT, published: PublishedConfig, *, ttl: float, wai
                    return_future=not wait)
     if wait and not ok:
         raise SwarmError("could not store the swarm config in the DHT; is another process using this identity?")
+
+
+def keep_alive_until(stop: threading.Event, dht: hivemind.DHT, published: PublishedConfig, *, ttl: float) -> None:
+    """Re-store the config every few minutes (at most every ttl/4) until ``stop`` is set."""
+    while not stop.wait(min(ttl / 4, 300.0)):
+        keep_alive(dht, published, ttl=ttl)
 
 
 def fetch_config(dht: hivemind.DHT, *, run_id: str | None, timeout: float) -> PublishedConfig:
