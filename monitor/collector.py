@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Optional, Union
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -47,6 +46,7 @@ logger = logging.getLogger(__name__)
 _BOUNDS = dict(step=1e9, loss=1e4, samples_per_second=1e15, tokens_per_second=1e15, samples_done=1e15,
                bytes_sent=1e18, bytes_received=1e18, rounds_averaged=1e9, rounds_partial=1e9, rounds_skipped=1e9,
                rounds_failed=1e9, time=1e11)
+_TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 _COUNTED = tuple(f"rounds_{outcome}" for outcome in m.ROUND_OUTCOMES) + ("bytes_sent", "bytes_received")
 
 
@@ -116,6 +116,9 @@ class CounterLedger:
     def __len__(self) -> int:
         return len(self._last)
 
+    def __contains__(self, subkey: object) -> bool:
+        return subkey in self._last
+
 
 class StepClock:
     """Predicts the next global step from the monitor's own times of the last few step advances.
@@ -167,12 +170,12 @@ class SwarmCollector(Collector):
         started = time.perf_counter()
         snapshot, now = self.snapshot_source(), time.time()
         live = {subkey: record for subkey, record in snapshot.records.items() if usable(record)}
-        yield _gauge(m.UP, 1.0 if snapshot.ok else 0.0)
-        yield _gauge(m.RUN_INFO, 1.0, self.run_info)
-        yield _gauge(m.PEERS, len(live))
-        yield _gauge(m.STEP, max((r.step for r in live.values()), default=None))
-        yield _gauge(m.SAMPLES_PER_SECOND, sum(r.samples_per_second for r in live.values()))
-        yield _gauge(m.TOKENS_PER_SECOND, sum(r.tokens_per_second for r in live.values()))
+        yield _single(m.UP, 1.0 if snapshot.ok else 0.0)
+        yield _single(m.RUN_INFO, 1.0, self.run_info)
+        yield _single(m.PEERS, len(live))
+        yield _single(m.STEP, max((r.step for r in live.values()), default=None))
+        yield _single(m.SAMPLES_PER_SECOND, sum(r.samples_per_second for r in live.values()))
+        yield _single(m.TOKENS_PER_SECOND, sum(r.tokens_per_second for r in live.values()))
         loss = m.LOSS.family()
         losses = [r.loss for r in live.values()]
         if losses:
@@ -182,21 +185,21 @@ class SwarmCollector(Collector):
                 loss.add_metric([stat], stats[stat])
         yield loss
         eta = 0.0 if snapshot.next_step_at is None else max(0.0, snapshot.next_step_at - now)
-        yield _gauge(m.ETA_NEXT_STEP, eta)
+        yield _single(m.ETA_NEXT_STEP, eta)
         rounds = m.AVERAGING_ROUNDS.family()
         for outcome in m.ROUND_OUTCOMES:
             rounds.add_metric([outcome], snapshot.totals[f"rounds_{outcome}"])
         yield rounds
-        yield _gauge(m.AVERAGING_SENT, snapshot.totals["bytes_sent"])
-        yield _gauge(m.AVERAGING_RECEIVED, snapshot.totals["bytes_received"])
-        yield _gauge(m.SNAPSHOT_AGE, max(0.0, now - snapshot.taken_at))
+        yield _single(m.AVERAGING_SENT, snapshot.totals["bytes_sent"])
+        yield _single(m.AVERAGING_RECEIVED, snapshot.totals["bytes_received"])
+        yield _single(m.SNAPSHOT_AGE, max(0.0, now - snapshot.taken_at))
         if self.per_peer:
             yield from _per_peer(live, now)
-        yield _gauge(m.SCRAPE_DURATION, time.perf_counter() - started)
+        yield _single(m.SCRAPE_DURATION, time.perf_counter() - started)
 
 
-def _gauge(spec: m.MetricSpec, value: Optional[float], labels: tuple[str, ...] = ()) -> Metric:
-    """A one-sample family (counters too, despite the name); no sample when value is None."""
+def _single(spec: m.MetricSpec, value: Optional[float], labels: tuple[str, ...] = ()) -> Metric:
+    """The family of ``spec`` with one sample, or none when value is None."""
     family = spec.family()
     if value is not None:
         family.add_metric(list(labels), float(value))
@@ -213,3 +216,165 @@ def _per_peer(live: Mapping[bytes, "TrainerRecord"], now: float) -> Iterator[Met
         families[m.PEER_TOKENS_PER_SECOND].add_metric(peer, record.tokens_per_second)
         families[m.PEER_RECORD_AGE].add_metric(peer, max(0.0, now - record.time))
     yield from families.values()
+
+
+class _Call:
+    """One fetch on a daemon thread, so a hung DHT read can be abandoned and never blocks interpreter exit."""
+
+    def __init__(self, fetch: Callable[[], Mapping[bytes, "TrainerRecord"]]):
+        self.done = threading.Event()
+        self.result: Optional[Mapping[bytes, "TrainerRecord"]] = None
+        self.error: Optional[Exception] = None
+        threading.Thread(target=self._run, args=(fetch,), name="swarm-dht-read", daemon=True).start()
+
+    def _run(self, fetch: Callable[[], Mapping[bytes, "TrainerRecord"]]) -> None:
+        try:
+            self.result = fetch()
+        except Exception as error:
+            self.error = error
+        finally:
+            self.done.set()
+
+
+class SnapshotPoller(threading.Thread):
+    """Calls ``fetch`` every ``period`` s (each call bounded by ``timeout`` s) and keeps the latest snapshot.
+
+    A failed or timed-out read keeps the previous records with ``ok=False``; while a timed-out read is still
+    running no new one starts. ``healthy()`` is True while the thread runs and the last successful read is
+    at most ``stale_after`` s old (default: three periods plus the timeout).
+    """
+
+    def __init__(self, fetch: Callable[[], Mapping[bytes, "TrainerRecord"]], *, period: float = 5.0,
+                 timeout: float = 10.0, stale_after: Optional[float] = None, ledger: Optional[CounterLedger] = None):
+        super().__init__(name="swarm-snapshot-poller", daemon=True)
+        if period <= 0 or timeout <= 0:
+            raise ValueError(f"period and timeout must be positive, got {period} and {timeout}")
+        self.fetch, self.period, self.timeout = fetch, period, timeout
+        self.stale_after = 3 * period + timeout if stale_after is None else stale_after
+        self.ledger, self.clock = ledger or CounterLedger(), StepClock()
+        self._snapshot = SwarmSnapshot(records={}, taken_at=time.time(), ok=False)
+        self._last_success: Optional[float] = None
+        self._pending: Optional[_Call] = None
+        self._stopped = threading.Event()
+        self._last_warning, self._failing = -float("inf"), False
+
+    def latest(self) -> SwarmSnapshot:
+        return self._snapshot
+
+    def healthy(self) -> bool:
+        last = self._last_success
+        return self.is_alive() and last is not None and time.time() - last <= self.stale_after
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopped.set()
+        if self.is_alive():
+            self.join(timeout)
+
+    def run(self) -> None:
+        next_poll = time.monotonic()
+        while not self._stopped.is_set():
+            self.poll_once()
+            next_poll = max(next_poll + self.period, time.monotonic())
+            self._stopped.wait(next_poll - time.monotonic())
+
+    def poll_once(self) -> None:
+        """One bounded read; never raises."""
+        try:
+            records = dict(self._read())
+            now = time.time()
+            self.ledger.update(records)
+            self.clock.observe(max((r.step for r in records.values() if usable(r)), default=None), now)
+        except Exception as error:
+            self._failed(error)
+            return
+        if self._failing:
+            self._failing = False
+            logger.info("Reading the trainers' progress from the DHT works again")
+        self._snapshot = SwarmSnapshot(records=records, taken_at=now, ok=True, totals=self.ledger.totals(),
+                                       next_step_at=self.clock.next_step_at())
+        self._last_success = now
+
+    def _read(self) -> Mapping[bytes, "TrainerRecord"]:
+        if self._pending is not None and not self._pending.done.is_set():
+            raise TimeoutError(f"the previous DHT read has not returned yet (timeout {self.timeout} s)")
+        call = self._pending = _Call(self.fetch)
+        if not call.done.wait(self.timeout):
+            raise TimeoutError(f"the DHT read took longer than {self.timeout} s")
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def _failed(self, error: Exception) -> None:
+        self._snapshot, self._failing = replace(self._snapshot, ok=False), True
+        age = time.time() - self._snapshot.taken_at
+        level = logging.DEBUG
+        if time.monotonic() - self._last_warning >= 60:
+            level, self._last_warning = logging.WARNING, time.monotonic()
+        logger.log(level, "Could not read the trainers' progress from the DHT (%s: %s); serving data %.0f s old",
+                   type(error).__name__, error, age)
+
+
+class MetricsServer(ThreadingHTTPServer):
+    """/metrics and /healthz on a background thread (built by ``serve``); ``close()`` stops it and frees the port."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], registry: CollectorRegistry, health: Callable[[], bool]):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.registry, self.health = registry, health
+        super().__init__(address, _Handler)
+        self.host, self.port = self.server_address[:2]
+        self._thread = threading.Thread(target=self.serve_forever, name="swarm-metrics-http", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self._thread.join(5)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: MetricsServer
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/metrics":
+            try:
+                body = generate_latest(self.server.registry)
+            except Exception:
+                logger.warning("Building the metrics failed", exc_info=True)
+                return self._reply(500, b"collecting metrics failed; see the monitor's log\n")
+            self._reply(200, body, _TEXT_FORMAT)
+        elif path == "/healthz":
+            healthy = self.server.health()
+            self._reply(200 if healthy else 503, b"ok" if healthy else b"stale: no recent successful DHT read")
+        else:
+            self._reply(404, b"not found; try /metrics or /healthz\n")
+
+    def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        logger.debug("%s " + format, self.address_string(), *args)
+
+
+def serve(source: Union[CollectorRegistry, Collector], host: str, port: int, *,
+          health: Optional[Callable[[], bool]] = None) -> MetricsServer:
+    """Serve ``source`` (a registry, or one collector in a registry of its own) at http://host:port/metrics.
+
+    ``health`` decides /healthz (200 "ok" or 503); without it /healthz is always 200. Port 0 picks a free one.
+    """
+    if not isinstance(source, CollectorRegistry):
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(source)
+        source = registry
+    try:
+        return MetricsServer((host, port), source, health or (lambda: True))
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise SwarmError(f"port {port} is already in use on {host}; pick another --metrics-port") from None
+        raise SwarmError(f"cannot serve metrics on {host}:{port}: {error.strerror or error}") from None

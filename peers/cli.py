@@ -3,6 +3,8 @@
     swarm seed --config configs/tiny.yaml      # a researcher starts a swarm
     swarm join /ip4/.../p2p/...                # a volunteer joins it
     swarm demo --peers 3 --steps 10            # seed + trainers on 127.0.0.1, with a summary
+    swarm monitor /ip4/.../p2p/...             # Prometheus metrics at http://127.0.0.1:9100/metrics
+    swarm status /ip4/.../p2p/...              # the swarm's state in the terminal
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ ROLES = {
     "seed": "start the first peer of a new swarm and publish its config",
     "join": "join a swarm as a trainer, given any live peer's address",
     "demo": "run a seed and N trainers on 127.0.0.1 and print a summary",
+    "monitor": "serve a running swarm's state to Prometheus at /metrics",
+    "status": "print a running swarm's step, loss, peers and averaging outcomes",
 }
 
 

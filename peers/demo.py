@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="swarm config (default configs/tiny.yaml)")
     parser.add_argument("--summary-json", help="also write the summary here as JSON")
     parser.add_argument("--workdir", help="where peer logs and reports go (default: a new temporary directory)")
+    parser.add_argument("--metrics-port", type=int, default=9100,
+                        help="port of the demo's monitor peer, for Prometheus (default 9100; 0: any free port)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field for the whole demo swarm (repeatable)")
 
@@ -68,15 +70,26 @@ class Peers:
                 proc.wait()
 
 
-def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float) -> list[str]:
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float, what: str = "the seed") -> list[str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():
             return [line for line in path.read_text().splitlines() if line.strip()]
         if proc.poll() is not None:
-            raise SwarmError(f"the seed exited with code {proc.returncode} before it was ready")
+            raise SwarmError(f"{what} exited with code {proc.returncode} before it was ready")
         time.sleep(0.2)
-    raise SwarmError(f"the seed was not ready after {timeout:.0f} s")
+    raise SwarmError(f"{what} was not ready after {timeout:.0f} s")
+
+
+def start_monitor(peers: Peers, addresses: list[str], port: int, workdir: Path) -> None:
+    """The monitor peer is a convenience here: if it cannot start, the demo goes on without it."""
+    monitor = peers.start("monitor", ["monitor", *addresses, "--metrics-port", str(port), "--poll-period", "2",
+                                      "--addr-file", str(workdir / "monitor.url")])
+    try:
+        url = wait_for_file(workdir / "monitor.url", monitor, timeout=60, what="the monitor")[0]
+        print(f"Monitor serving Prometheus metrics at {url}", flush=True)
+    except SwarmError as error:
+        print(f"warning: {error}; continuing without it:\n{peers.log_tail('monitor', 3)}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace, stop: threading.Event) -> int:
@@ -98,6 +111,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
             print(peers.log_tail("seed"), file=sys.stderr)
             raise
         print(f"Seed ready at {addresses[0]}", flush=True)
+        start_monitor(peers, addresses, args.metrics_port, workdir)
         for index in range(args.peers):
             peers.start(f"trainer-{index}", ["join", *addresses, "--max-steps", str(args.steps),
                                              "--wait-for-peers", str(args.peers),

@@ -19,11 +19,12 @@ from pathlib import Path
 
 from hivemind.utils.multiaddr import Multiaddr
 
-from swarm import compression, net, records
+from swarm import compression, net
 from swarm.config import SwarmConfig, adopt_shared, peer_from_overrides
 from swarm.data import train_batches
 from swarm.devices import choose_batch_size, choose_device
-from swarm.discovery import fetch_config, keep_alive, keep_alive_until
+from swarm import discovery
+from swarm.discovery import keep_alive, keep_alive_until
 from swarm.errors import SwarmError
 from swarm.optimizer import build_optimizer
 from swarm.progress import ProgressPublisher
@@ -77,20 +78,16 @@ def default_host(addresses: list[str]) -> str:
 
 
 def connect(args: argparse.Namespace, overrides: list[str]):
-    """Join the DHT through the given addresses, then fetch and adopt the swarm's config."""
-    addresses = net.parse_peer_addresses(args.addresses)
+    """Join the swarm through the given addresses and adopt its config (with our own peer.* choices)."""
     local = peer_from_overrides(overrides)  # bad per-peer flags fail before we connect
-    identity_path, private_key = net.load_identity(local.identity)
-    dht = net.start_dht(initial_peers=addresses, host=local.host, port=local.port, identity_path=identity_path,
-                        announce=local.announce, client_mode=local.client_mode,
-                        validators=records.base_validators(private_key), join_timeout=args.timeout)
+    dht, private_key, published = discovery.connect(
+        args.addresses, host=local.host, port=local.port, identity=local.identity, announce=local.announce,
+        client_mode=local.client_mode, run_id=args.run_id, timeout=args.timeout)
     try:
-        published = fetch_config(dht, run_id=args.run_id, timeout=30.0)
         config = adopt_shared(published.shared, overrides)
     except BaseException:
         dht.shutdown()
         raise
-    dht.add_validators(records.run_validators(config.run_id))
     logger.info("Joined swarm %r (config %s)", config.run_id, config.fingerprint())
     return dht, private_key, config, published
 

@@ -10,12 +10,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import hivemind
 import yaml
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from swarm import net, records
 from swarm.config import SwarmConfig
 from swarm.errors import SwarmError
 from swarm.records import CONFIG_KEY, ConfigRecord, sign_config, verify_config
@@ -47,6 +49,27 @@ def keep_alive(dht: hivemind.DHT, published: PublishedConfig, *, ttl: float, wai
                    return_future=not wait)
     if wait and not ok:
         raise SwarmError("could not store the swarm config in the DHT; is another process using this identity?")
+
+
+def connect(addresses: Sequence[str], *, host: str = "127.0.0.1", port: int = 0, identity: str | None = None,
+            announce: Sequence[str] = (), client_mode: bool = False, run_id: str | None = None,
+            timeout: float = 60.0) -> tuple[hivemind.DHT, RSAPrivateKey, PublishedConfig]:
+    """Join the DHT through any live peer's address and fetch the swarm's verified config.
+
+    The caller owns the returned DHT and must shut it down; on failure nothing is left running.
+    """
+    addresses = net.parse_peer_addresses(addresses)
+    identity_path, private_key = net.load_identity(identity)
+    dht = net.start_dht(initial_peers=addresses, host=host, port=port, identity_path=identity_path,
+                        announce=announce, client_mode=client_mode,
+                        validators=records.base_validators(private_key), join_timeout=timeout)
+    try:
+        published = fetch_config(dht, run_id=run_id, timeout=min(timeout, 30.0))
+        dht.add_validators(records.run_validators(published.record.run_id))
+    except BaseException:
+        dht.shutdown()
+        raise
+    return dht, private_key, published
 
 
 def keep_alive_until(stop: threading.Event, dht: hivemind.DHT, published: PublishedConfig, *, ttl: float) -> None:

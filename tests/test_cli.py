@@ -21,7 +21,7 @@ def assert_one_line_error(result, *words: str) -> None:
         assert word in errors[0], errors[0]
 
 
-@pytest.mark.parametrize("command", [[], ["seed"], ["join"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["seed"], ["join"], ["demo"], ["status"], ["monitor"]])
 def test_help(command):
     result = swarm_cli(*command, "--help")
     assert result.returncode == 0
@@ -69,11 +69,12 @@ def test_join_rejects_malformed_addresses(address, words):
     assert_one_line_error(swarm_cli("join", address), *words)
 
 
-def test_join_unreachable_peer_gives_up_with_advice():
+@pytest.mark.parametrize("command", ["join", "status"])
+def test_unreachable_peer_gives_up_with_advice(command):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens here once closed
-    result = swarm_cli("join", FAKE_PEER.format(port=port), "--timeout", "3")
+    result = swarm_cli(command, FAKE_PEER.format(port=port), "--timeout", "3")
     assert_one_line_error(result, "could not reach", "firewall", "--host")
 
 

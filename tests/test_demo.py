@@ -16,12 +16,13 @@ from conftest import ROOT
 def test_demo_summary(tmp_path):
     summary_path = tmp_path / "summary.json"
     result = subprocess.run(
-        [sys.executable, "-m", "peers.cli", "demo", "--peers", "2", "--steps", "3", "--summary-json",
-         str(summary_path), "--workdir", str(tmp_path / "run")],
+        [sys.executable, "-m", "peers.cli", "demo", "--peers", "2", "--steps", "3", "--metrics-port", "0",
+         "--summary-json", str(summary_path), "--workdir", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=400, cwd=ROOT, stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Summary" in result.stdout and "Seed ready" in result.stdout
+    assert "Monitor serving Prometheus metrics at http://127.0.0.1:" in result.stdout
     summary = json.loads(summary_path.read_text())
     for key in ("steps", "min_peers_averaged", "loss_first", "loss_last", "wire_bytes_per_param"):
         assert key in summary
@@ -34,7 +35,7 @@ def test_demo_summary(tmp_path):
 
 def test_demo_ctrl_c_stops_every_process(tmp_path):
     demo = subprocess.Popen(
-        [sys.executable, "-m", "peers.cli", "demo", "--peers", "2", "--steps", "50", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "peers.cli", "demo", "--peers", "2", "--steps", "50", "--metrics-port", "0", "--workdir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, stdin=subprocess.DEVNULL,
     )
     seen: dict[int, psutil.Process] = {}

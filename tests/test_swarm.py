@@ -4,6 +4,10 @@ trainer's address. One swarm serves several assertions, because each one costs a
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import urllib.request
+import re
 import signal
 from pathlib import Path
 
@@ -12,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, PeerProcesses
+from conftest import TINY, PeerProcesses, swarm_cli
 from swarm import records
 from swarm.progress import read_trainer_records
 
-STEPS = 12  # long enough for the late joiner (started at step 1) to start up and take 2 steps
+STEPS = 14  # long enough for the late joiner (started at step 1) to start up and take 2 steps
 LATE_STEPS = 3
 
 
@@ -31,15 +35,20 @@ def swarm_run(tmp_path_factory):
             procs.start(f"trainer-{i}", "join", *seed_addrs, "--max-steps", str(STEPS), "--wait-for-peers", "3",
                         "--report-json", str(work / f"trainer-{i}.json"), "--save-model", str(work / f"model-{i}"),
                         "--addr-file", str(work / f"trainer-{i}.addr"))
+        procs.start("monitor", "monitor", *seed_addrs, "--metrics-port", "0", "--poll-period", "1",
+                    "--addr-file", str(work / "monitor.url"))
         trainer_addrs = procs.wait_file(work / "trainer-0.addr", "trainer-0")
         wait_for_step(procs, "trainer-0", 1)
         procs.stop("seed")  # the swarm must not need its seed any more
         assert procs.wait("seed", 30) == 0
-        metrics = read_records(trainer_addrs)  # while the trainers run: records expire after they leave
         procs.start("late", "join", *trainer_addrs, "--max-steps", str(LATE_STEPS),
                     "--report-json", str(work / "late.json"))
+        metrics = read_records(trainer_addrs)  # while the trainers run: records expire after they leave
+        status = swarm_cli("status", *trainer_addrs, timeout=120)
+        wait_for_step(procs, "trainer-0", 4)
+        exposition = scrape(procs.wait_file(work / "monitor.url", "monitor")[0])
         codes = {name: procs.wait(name, 300) for name in ["trainer-0", "trainer-1", "trainer-2", "late"]}
-        yield work, procs, codes, metrics
+        yield work, procs, codes, metrics, status, exposition
     finally:
         procs.close()
 
@@ -66,6 +75,18 @@ def read_records(addresses: list[str]) -> dict:
         return read_trainer_records(dht, "tiny")
     finally:
         dht.shutdown()
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        return response.read().decode()
+
+
+def sample(exposition: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", exposition, re.MULTILINE)
+    assert match, f"{name} not in:\n{exposition}"
+    return float(match.group(1))
 
 
 def report(work: Path, name: str) -> dict:
@@ -138,7 +159,7 @@ def test_late_joiner_downloads_state_through_a_trainer(swarm_run):
 
 
 def test_progress_records_in_the_dht(swarm_run):
-    *_, metrics = swarm_run
+    *_, metrics, _, _ = swarm_run
     assert metrics, "no trainer progress records found in the DHT"
     for record in metrics.values():
         assert record.step >= 1
@@ -146,8 +167,36 @@ def test_progress_records_in_the_dht(swarm_run):
         assert record.device == "cpu-fp32"
 
 
+def test_status_shows_the_running_swarm(swarm_run):
+    *_, status, _ = swarm_run
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert "swarm 'tiny'" in status.stdout and "global step" in status.stdout
+    assert re.search(r"trainers [34]\b", status.stdout), status.stdout  # the late joiner may be in already
+    assert status.stdout.count("cpu-fp32") >= 3
+
+
+def test_monitor_exports_the_swarm(swarm_run):
+    *_, exposition = swarm_run
+    assert sample(exposition, "swarm_up") == 1
+    assert sample(exposition, "swarm_peers") >= 3
+    assert sample(exposition, "swarm_step") >= 3
+    assert sample(exposition, 'swarm_averaging_rounds_total{outcome="averaged"}') >= 3
+    assert sample(exposition, "swarm_averaging_sent_bytes_total") > 0
+    assert sample(exposition, "swarm_samples_per_second") > 0
+    assert 0 < sample(exposition, 'swarm_loss{stat="median"}') < 6
+    info = next(line for line in exposition.splitlines() if line.startswith("swarm_run_info{"))
+    assert 'run_id="tiny"' in info and 'model="gpt2-4x256"' in info and info.endswith(" 1.0")
+    assert "NaN" not in exposition and "Inf" not in exposition
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (.ci/run installs Debian's prometheus)")
+def test_monitor_output_passes_promtool(swarm_run):
+    *_, exposition = swarm_run
+    result = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True)
+    assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), result
+
+
 def test_no_helper_process_outlives_the_swarm(swarm_run):
-    *_, = swarm_run
     work, procs, *_ = swarm_run
     procs.close()
     assert not procs.leftovers(), [p.cmdline() for p in procs.leftovers()]
