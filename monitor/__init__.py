@@ -1,2 +1,7 @@
-"""The monitor peer (Prometheus exporter, Grafana dashboard): not built yet, see the issue tracker (issue 3).
-It will read the trainers' progress records defined in ``swarm.records``."""
+"""The monitor peer's Prometheus side, kept light (no transformers, no bitsandbytes).
+
+- ``metrics``: every metric name, type and help text (the one place a dashboard takes names from).
+- ``collector``: the DHT snapshot poller, monotonic counters, the scrape-time collector and the HTTP server.
+
+The runnable role is ``peers/monitor.py`` (``swarm monitor``). Grafana dashboards and checkpoints: issue 3.
+"""
