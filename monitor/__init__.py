@@ -2,6 +2,8 @@
 
 - ``metrics``: every metric name, type and help text (the one place a dashboard takes names from).
 - ``collector``: the DHT snapshot poller, monotonic counters, the scrape-time collector and the HTTP server.
+- ``dashboard``: reads the Grafana dashboard (``grafana/``) and lists its queries, for the tests.
+- ``prometheus.yml``, ``docker-compose.yml``, ``grafana/provisioning``: the set-up users copy.
 
-The runnable role is ``peers/monitor.py`` (``swarm monitor``). Grafana dashboards and checkpoints: issue 3.
+The runnable role is ``peers/monitor.py`` (``swarm monitor``).
 """

@@ -25,8 +25,12 @@ class PeerProcesses:
         self.seen: dict[int, psutil.Process] = {}
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
+        """Start ``swarm ARGS`` as process ``name`` (its output goes to NAME.log)."""
+        return self.start_program(name, [sys.executable, "-m", "peers.cli", *args])
+
+    def start_program(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "peers.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
         self.procs[name] = proc

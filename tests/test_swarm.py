@@ -4,8 +4,11 @@ trainer's address. One swarm serves several assertions, because each one costs a
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
+import socket
+import urllib.parse
 import urllib.request
 import re
 import signal
@@ -17,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY, PeerProcesses, swarm_cli
+from monitor.dashboard import dashboard_queries
 from swarm import records
 from swarm.progress import read_trainer_records
 
@@ -45,10 +49,15 @@ def swarm_run(tmp_path_factory):
                     "--report-json", str(work / "late.json"))
         metrics = read_records(trainer_addrs)  # while the trainers run: records expire after they leave
         status = swarm_cli("status", *trainer_addrs, timeout=120)
+        monitor_url = procs.wait_file(work / "monitor.url", "monitor")[0]
+        prometheus = start_prometheus(procs, work, monitor_url) if shutil.which("prometheus") else None
         wait_for_step(procs, "trainer-0", 4)
-        exposition = scrape(procs.wait_file(work / "monitor.url", "monitor")[0])
+        exposition = scrape(monitor_url)
+        if prometheus:
+            wait_for_step(procs, "trainer-0", 9)  # about 30 s of scrapes: enough for the dashboard's [1m] rates
+        dashboard = query_dashboard(prometheus) if prometheus else None
         codes = {name: procs.wait(name, 300) for name in ["trainer-0", "trainer-1", "trainer-2", "late"]}
-        yield work, procs, codes, metrics, status, exposition
+        yield work, procs, codes, metrics, status, exposition, dashboard
     finally:
         procs.close()
 
@@ -75,6 +84,36 @@ def read_records(addresses: list[str]) -> dict:
         return read_trainer_records(dht, "tiny")
     finally:
         dht.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_prometheus(procs: PeerProcesses, work: Path, monitor_url: str) -> str:
+    """A real Prometheus on 127.0.0.1 scraping the monitor every second; returns its base URL."""
+    target = urllib.parse.urlsplit(monitor_url).netloc
+    config = work / "prometheus.yml"
+    config.write_text(f"global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: swarm\n"
+                      f"    static_configs:\n      - targets: ['{target}']\n")
+    port = free_port()
+    procs.start_program("prometheus", ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
+                                       f"--web.listen-address=127.0.0.1:{port}"])
+    return f"http://127.0.0.1:{port}"
+
+
+def query_dashboard(prometheus: str) -> dict[str, list]:
+    """Every dashboard query, answered by Prometheus' HTTP API: {expr: result vector}."""
+    answers = {}
+    for _, expr in dashboard_queries():
+        url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = json.loads(response.read())
+        assert body["status"] == "success", body
+        answers[expr] = body["data"]["result"]
+    return answers
 
 
 def scrape(url: str) -> str:
@@ -159,7 +198,7 @@ def test_late_joiner_downloads_state_through_a_trainer(swarm_run):
 
 
 def test_progress_records_in_the_dht(swarm_run):
-    *_, metrics, _, _ = swarm_run
+    *_, metrics, _, _, _ = swarm_run
     assert metrics, "no trainer progress records found in the DHT"
     for record in metrics.values():
         assert record.step >= 1
@@ -168,7 +207,7 @@ def test_progress_records_in_the_dht(swarm_run):
 
 
 def test_status_shows_the_running_swarm(swarm_run):
-    *_, status, _ = swarm_run
+    *_, status, _, _ = swarm_run
     assert status.returncode == 0, status.stderr[-2000:]
     assert "swarm 'tiny'" in status.stdout and "global step" in status.stdout
     assert re.search(r"trainers [34]\b", status.stdout), status.stdout  # the late joiner may be in already
@@ -176,7 +215,7 @@ def test_status_shows_the_running_swarm(swarm_run):
 
 
 def test_monitor_exports_the_swarm(swarm_run):
-    *_, exposition = swarm_run
+    *_, exposition, _ = swarm_run
     assert sample(exposition, "swarm_up") == 1
     assert sample(exposition, "swarm_peers") >= 3
     assert sample(exposition, "swarm_step") >= 3
@@ -191,9 +230,22 @@ def test_monitor_exports_the_swarm(swarm_run):
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (.ci/run installs Debian's prometheus)")
 def test_monitor_output_passes_promtool(swarm_run):
-    *_, exposition = swarm_run
+    *_, exposition, _ = swarm_run
     result = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True)
     assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), result
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (.ci/run installs it)")
+def test_every_dashboard_query_returns_data_from_a_real_prometheus(swarm_run):
+    *_, dashboard = swarm_run
+    assert dashboard, "no dashboard queries"
+    empty = [expr for expr, result in dashboard.items() if not result]
+    assert not empty, f"dashboard queries without data: {empty}"
+    values = {expr: [float(r["value"][1]) for r in result] for expr, result in dashboard.items()}
+    assert all(v == 1 for v in values["swarm_up"])
+    assert min(values["swarm_peers"]) >= 3
+    assert max(values["rate(swarm_averaging_sent_bytes_total[1m])"]) > 0
+    assert all(math.isfinite(v) for vs in values.values() for v in vs)
 
 
 def test_no_helper_process_outlives_the_swarm(swarm_run):
