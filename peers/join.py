@@ -142,8 +142,7 @@ def build_trainer(config: SwarmConfig, dht, private_key):
                                   device=plan.label, round_log=round_log, counters=counters,
                                   ttl=config.timeouts.record_ttl)
     trainer = Trainer(model=model, optimizer=optimizer, batches=batches, plan=plan,
-                      max_grad_norm=config.optimizer.max_grad_norm, round_log=round_log, counters=counters,
-                      publisher=publisher)
+                      max_grad_norm=config.optimizer.max_grad_norm, publisher=publisher)
     return trainer, optimizer, round_log, counters, num_params
 
 

@@ -19,12 +19,10 @@ import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm.compression import WireCounters
 from swarm.data import seed_from_peer_id
 from swarm.devices import DevicePlan
 from swarm.optimizer import SwarmOptimizer
 from swarm.progress import ProgressPublisher, read_trainer_records
-from swarm.rounds import RoundLog
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +37,9 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, *, model: torch.nn.Module, optimizer: SwarmOptimizer, batches: Iterator[torch.Tensor],
-                 plan: DevicePlan, max_grad_norm: float, round_log: RoundLog, counters: WireCounters,
-                 publisher: ProgressPublisher):
+                 plan: DevicePlan, max_grad_norm: float, publisher: ProgressPublisher):
         self.model, self.opt, self.batches, self.plan = model, optimizer, batches, plan
-        self.max_grad_norm, self.round_log, self.counters, self.publisher = max_grad_norm, round_log, counters, publisher
+        self.max_grad_norm, self.publisher = max_grad_norm, publisher
 
     def join_swarm(self) -> int:
         """Download the newest state from peers (if any have progressed); returns the step we start at."""
@@ -57,7 +54,7 @@ class Trainer:
         if count <= 1:
             return
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = reported = 0
         while not stop.is_set() and time.monotonic() < deadline:
             self.publisher.maybe_publish(step=self.opt.local_epoch, loss=0.0, samples_done=0, samples_per_second=0.0,
                                          tokens_per_second=0.0, wait=True)
@@ -65,7 +62,9 @@ class Trainer:
             if seen >= count:
                 logger.info("%d trainers are here; starting", seen)
                 return
-            logger.info("Waiting for %d trainers (%d visible)", count, seen)
+            if seen != reported:
+                logger.info("Waiting for %d trainers (%d visible)", count, seen)
+                reported = seen
             stop.wait(0.5)
         if not stop.is_set():
             logger.warning("Only %d of %d trainers showed up within %.0f s; starting anyway", seen, count, timeout)
