@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Optional, Union
+from typing import Callable, Iterator, Mapping, Optional, Union
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -35,24 +35,19 @@ from prometheus_client.registry import Collector
 
 from monitor import metrics as m
 from swarm.errors import SwarmError
+from swarm.records import RECORD_LIMITS, TrainerRecord
 
-if TYPE_CHECKING:  # swarm.records imports hivemind; the exporter only needs the attribute names
-    from swarm.records import TrainerRecord
 
 logger = logging.getLogger(__name__)
 
-# Upper bounds as in swarm.records.TrainerRecord; anything outside (or NaN/inf, which fail every comparison)
-# marks a record that bypassed the DHT schema, and it is ignored everywhere.
-_BOUNDS = dict(step=1e9, loss=1e4, samples_per_second=1e15, tokens_per_second=1e15, samples_done=1e15,
-               bytes_sent=1e18, bytes_received=1e18, rounds_averaged=1e9, rounds_partial=1e9, rounds_skipped=1e9,
-               rounds_failed=1e9, time=1e11)
 _TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 _COUNTED = tuple(f"rounds_{outcome}" for outcome in m.ROUND_OUTCOMES) + ("bytes_sent", "bytes_received")
 
 
 def usable(record: object) -> bool:
-    """True when every numeric field of a progress record is a finite number within the schema's bounds."""
-    for name, upper in _BOUNDS.items():
+    """True when every numeric field of a progress record is a finite number within the schema's bounds
+    (swarm.records.RECORD_LIMITS). A record outside them bypassed the DHT schema and is ignored everywhere."""
+    for name, upper in RECORD_LIMITS.items():
         value = getattr(record, name, None)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= upper:
             return False
@@ -74,7 +69,7 @@ class SwarmSnapshot:
     global step, None when unknown.
     """
 
-    records: Mapping[bytes, "TrainerRecord"]
+    records: Mapping[bytes, TrainerRecord]
     taken_at: float
     ok: bool
     totals: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTED, 0))
@@ -97,7 +92,7 @@ class CounterLedger:
         self._last: OrderedDict[bytes, tuple[int, ...]] = OrderedDict()
         self._totals = dict.fromkeys(_COUNTED, 0)
 
-    def update(self, records: Mapping[bytes, "TrainerRecord"]) -> None:
+    def update(self, records: Mapping[bytes, TrainerRecord]) -> None:
         for subkey, record in records.items():
             if not usable(record):
                 continue
@@ -206,7 +201,7 @@ def _single(spec: m.MetricSpec, value: Optional[float], labels: tuple[str, ...] 
     return family
 
 
-def _per_peer(live: Mapping[bytes, "TrainerRecord"], now: float) -> Iterator[Metric]:
+def _per_peer(live: Mapping[bytes, TrainerRecord], now: float) -> Iterator[Metric]:
     families = {spec: spec.family() for spec in m.PER_PEER}
     for subkey, record in live.items():
         peer = [peer_label(subkey)]
@@ -221,13 +216,13 @@ def _per_peer(live: Mapping[bytes, "TrainerRecord"], now: float) -> Iterator[Met
 class _Call:
     """One fetch on a daemon thread, so a hung DHT read can be abandoned and never blocks interpreter exit."""
 
-    def __init__(self, fetch: Callable[[], Mapping[bytes, "TrainerRecord"]]):
+    def __init__(self, fetch: Callable[[], Mapping[bytes, TrainerRecord]]):
         self.done = threading.Event()
-        self.result: Optional[Mapping[bytes, "TrainerRecord"]] = None
+        self.result: Optional[Mapping[bytes, TrainerRecord]] = None
         self.error: Optional[Exception] = None
         threading.Thread(target=self._run, args=(fetch,), name="swarm-dht-read", daemon=True).start()
 
-    def _run(self, fetch: Callable[[], Mapping[bytes, "TrainerRecord"]]) -> None:
+    def _run(self, fetch: Callable[[], Mapping[bytes, TrainerRecord]]) -> None:
         try:
             self.result = fetch()
         except Exception as error:
@@ -244,7 +239,7 @@ class SnapshotPoller(threading.Thread):
     at most ``stale_after`` s old (default: three periods plus the timeout).
     """
 
-    def __init__(self, fetch: Callable[[], Mapping[bytes, "TrainerRecord"]], *, period: float = 5.0,
+    def __init__(self, fetch: Callable[[], Mapping[bytes, TrainerRecord]], *, period: float = 5.0,
                  timeout: float = 10.0, stale_after: Optional[float] = None, ledger: Optional[CounterLedger] = None):
         super().__init__(name="swarm-snapshot-poller", daemon=True)
         if period <= 0 or timeout <= 0:
@@ -294,7 +289,7 @@ class SnapshotPoller(threading.Thread):
                                        next_step_at=self.clock.next_step_at())
         self._last_success = now
 
-    def _read(self) -> Mapping[bytes, "TrainerRecord"]:
+    def _read(self) -> Mapping[bytes, TrainerRecord]:
         if self._pending is not None and not self._pending.done.is_set():
             raise TimeoutError(f"the previous DHT read has not returned yet (timeout {self.timeout} s)")
         call = self._pending = _Call(self.fetch)

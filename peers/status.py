@@ -13,9 +13,10 @@ import statistics
 import threading
 import time
 
+from monitor.collector import peer_label
 from swarm import discovery
 from swarm.progress import read_trainer_records
-from swarm.records import TrainerRecord, key_fingerprint
+from swarm.records import TrainerRecord
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,10 +58,10 @@ def render(run_id: str, shared: dict, trainers: dict[bytes, TrainerRecord]) -> s
         f"{sum(r.rounds_partial for r in records)} partial, {sum(r.rounds_skipped for r in records)} skipped, "
         f"{sum(r.rounds_failed for r in records)} failed",
         "",
-        f"{'peer':<10} {'step':>5} {'loss':>7} {'samples/s':>10} {'tokens/s':>10} {'sent MB':>9} {'device':<10} {'age s':>6}",
+        f"{'peer':<12} {'step':>5} {'loss':>7} {'samples/s':>10} {'tokens/s':>10} {'sent MB':>9} {'device':<10} {'age s':>6}",
     ]
     now = time.time()
     for subkey, r in sorted(trainers.items(), key=lambda item: -item[1].samples_per_second):
-        lines.append(f"{key_fingerprint(subkey)[:8]:<10} {r.step:>5} {r.loss:>7.3f} {r.samples_per_second:>10.1f} "
+        lines.append(f"{peer_label(subkey):<12} {r.step:>5} {r.loss:>7.3f} {r.samples_per_second:>10.1f} "
                      f"{r.tokens_per_second:>10.0f} {r.bytes_sent / 1e6:>9.1f} {r.device:<10} {max(0, now - r.time):>6.0f}")
     return "\n".join(lines)

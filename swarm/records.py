@@ -27,7 +27,19 @@ from pydantic.v1 import BaseModel, StrictStr, confloat, conint, constr
 
 CONFIG_KEY = "swarm_config"
 MAX_CONFIG_BYTES = 64 * 1024
-_FINITE = dict(strict=True, ge=0.0, le=1e15)  # NaN/inf fail these bounds, so they never reach a dashboard
+# Upper bounds of TrainerRecord's numbers (all are >= 0). NaN/inf fail them, so they never reach a dashboard;
+# the monitor re-checks the same bounds on what it serves.
+RECORD_LIMITS = dict(step=10**9, loss=1e4, samples_per_second=1e15, tokens_per_second=1e15, samples_done=10**15,
+                     bytes_sent=10**18, bytes_received=10**18, rounds_averaged=10**9, rounds_partial=10**9,
+                     rounds_skipped=10**9, rounds_failed=10**9, time=1e11)
+
+
+def _count(name: str):
+    return conint(ge=0, le=RECORD_LIMITS[name], strict=True)
+
+
+def _amount(name: str):
+    return confloat(ge=0.0, le=RECORD_LIMITS[name], strict=True)
 
 
 def metrics_key(run_id: str) -> str:
@@ -37,19 +49,19 @@ def metrics_key(run_id: str) -> str:
 class TrainerRecord(BaseModel):
     """What each trainer publishes about itself (refreshed every few seconds, expires after timeouts.record_ttl)."""
 
-    step: conint(ge=0, le=10**9, strict=True)
-    loss: confloat(strict=True, ge=0.0, le=1e4)
-    samples_per_second: confloat(**_FINITE)
-    tokens_per_second: confloat(**_FINITE)
-    samples_done: conint(ge=0, le=10**15, strict=True)
-    bytes_sent: conint(ge=0, le=10**18, strict=True)
-    bytes_received: conint(ge=0, le=10**18, strict=True)
-    rounds_averaged: conint(ge=0, le=10**9, strict=True)
-    rounds_partial: conint(ge=0, le=10**9, strict=True)
-    rounds_skipped: conint(ge=0, le=10**9, strict=True)
-    rounds_failed: conint(ge=0, le=10**9, strict=True)
+    step: _count("step")
+    loss: _amount("loss")
+    samples_per_second: _amount("samples_per_second")
+    tokens_per_second: _amount("tokens_per_second")
+    samples_done: _count("samples_done")
+    bytes_sent: _count("bytes_sent")
+    bytes_received: _count("bytes_received")
+    rounds_averaged: _count("rounds_averaged")
+    rounds_partial: _count("rounds_partial")
+    rounds_skipped: _count("rounds_skipped")
+    rounds_failed: _count("rounds_failed")
     device: constr(strict=True, max_length=32)
-    time: confloat(strict=True, ge=0.0, le=1e11)
+    time: _amount("time")
 
 
 class MetricsSchema(BaseModel):
