@@ -25,6 +25,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarm.errors import SwarmError
+from swarm.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,4 @@ def write_addr_file(path: str | None, addresses: Sequence[str]) -> None:
     """Write one multiaddr per line, atomically, so a watcher never reads a half-written file."""
     if not path:
         return
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text("".join(f"{address}\n" for address in addresses))
-    os.replace(tmp, target)
+    write_atomic(path, "".join(f"{address}\n" for address in addresses))
