@@ -71,9 +71,21 @@ def install_stop_handlers() -> threading.Event:
         logger.info("Received %s: shutting down (send it again to force)", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    global _installed
+    _installed = handler
+    reinstall_stop_handlers()
     return stop
+
+
+_installed: Callable | None = None
+
+
+def reinstall_stop_handlers() -> None:
+    """Put our SIGINT/SIGTERM handlers back. hivemind's averagers set SIGINT to "ignore" in the process that
+    starts them (``run_in_background``), which would make Ctrl-C do nothing: call this after building one."""
+    if _installed is not None:
+        signal.signal(signal.SIGINT, _installed)
+        signal.signal(signal.SIGTERM, _installed)
 
 
 def run_entry(body: Callable[[], int]) -> int:
