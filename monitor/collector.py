@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import math
 import socket
 import statistics
 import threading
@@ -74,6 +75,16 @@ class SwarmSnapshot:
     ok: bool
     totals: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTED, 0))
     next_step_at: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class CheckpointStatus:
+    """What the monitor's checkpointer last did: the latest checkpoint's step and eval, and failures so far."""
+
+    step: Optional[int] = None
+    eval_loss: Optional[float] = None
+    eval_perplexity: Optional[float] = None
+    failures: int = 0
 
 
 class CounterLedger:
@@ -150,13 +161,14 @@ class SwarmCollector(Collector):
     """
 
     def __init__(self, *, run_info: Mapping[str, str], snapshot_source: Callable[[], SwarmSnapshot],
-                 per_peer: bool = False):
+                 per_peer: bool = False, checkpoint_source: Optional[Callable[[], CheckpointStatus]] = None):
         unknown, missing = set(run_info) - set(m.RUN_INFO_LABELS), set(m.RUN_INFO_LABELS) - set(run_info)
         if unknown or missing:
             raise ValueError(f"run_info needs exactly the keys {m.RUN_INFO_LABELS}; "
                              f"unknown: {sorted(unknown)}, missing: {sorted(missing)}")
         self.run_info = tuple(str(run_info[key])[:128] for key in m.RUN_INFO_LABELS)
         self.snapshot_source, self.per_peer = snapshot_source, per_peer
+        self.checkpoint_source = checkpoint_source
 
     def describe(self) -> list[Metric]:
         return []  # names are fixed in monitor.metrics; no need to collect at registration
@@ -190,6 +202,8 @@ class SwarmCollector(Collector):
         yield _single(m.SNAPSHOT_AGE, max(0.0, now - snapshot.taken_at))
         if self.per_peer:
             yield from _per_peer(live, now)
+        if self.checkpoint_source is not None:
+            yield from _checkpoint(self.checkpoint_source())
         yield _single(m.SCRAPE_DURATION, time.perf_counter() - started)
 
 
@@ -199,6 +213,16 @@ def _single(spec: m.MetricSpec, value: Optional[float], labels: tuple[str, ...] 
     if value is not None:
         family.add_metric(list(labels), float(value))
     return family
+
+
+def _checkpoint(status: CheckpointStatus) -> Iterator[Metric]:
+    def finite(value: Optional[float]) -> Optional[float]:
+        return value if value is not None and math.isfinite(value) else None
+
+    yield _single(m.CHECKPOINT_STEP, status.step)
+    yield _single(m.EVAL_LOSS, finite(status.eval_loss))
+    yield _single(m.EVAL_PERPLEXITY, finite(status.eval_perplexity))
+    yield _single(m.CHECKPOINT_FAILURES, status.failures)
 
 
 def _per_peer(live: Mapping[bytes, TrainerRecord], now: float) -> Iterator[Metric]:

@@ -66,8 +66,18 @@ SNAPSHOT_AGE = MetricSpec(
 SCRAPE_DURATION = MetricSpec(
     "swarm_scrape_duration_seconds", "Time the exporter spent building this scrape's metrics.", "gauge")
 
+# Only from a monitor started with --checkpoint-dir; the eval and step series appear after the first checkpoint.
+CHECKPOINT_STEP = MetricSpec("swarm_checkpoint_step", "Global step of the latest checkpoint written.", "gauge")
+EVAL_LOSS = MetricSpec(
+    "swarm_eval_loss", "Held-out loss (nats per token) of the latest checkpoint, on the swarm's eval split.", "gauge")
+EVAL_PERPLEXITY = MetricSpec("swarm_eval_perplexity", "Held-out perplexity of the latest checkpoint.", "gauge")
+CHECKPOINT_FAILURES = MetricSpec(
+    "swarm_checkpoint_failures_total", "Checkpoints that could not be downloaded, checked or saved.", "counter")
+
+CHECKPOINT = (CHECKPOINT_STEP, EVAL_LOSS, EVAL_PERPLEXITY, CHECKPOINT_FAILURES)
+
 ALL = (UP, STEP, PEERS, SAMPLES_PER_SECOND, TOKENS_PER_SECOND, LOSS, ETA_NEXT_STEP, AVERAGING_ROUNDS,
-       AVERAGING_SENT, AVERAGING_RECEIVED, RUN_INFO, SNAPSHOT_AGE, SCRAPE_DURATION)
+       AVERAGING_SENT, AVERAGING_RECEIVED, RUN_INFO, SNAPSHOT_AGE, SCRAPE_DURATION) + CHECKPOINT
 
 # Only with per_peer=True: one series per live trainer, labelled by a short hash of its DHT subkey.
 PEER_LABEL = "peer"

@@ -15,10 +15,10 @@ import json
 import logging
 import threading
 import time
-from pathlib import Path
 
 from hivemind.utils.multiaddr import Multiaddr
 
+from peers.common import reinstall_stop_handlers
 from swarm import compression, net
 from swarm.config import SwarmConfig, adopt_shared, peer_from_overrides
 from swarm.data import train_batches
@@ -26,6 +26,7 @@ from swarm.devices import choose_batch_size, choose_device
 from swarm import discovery
 from swarm.discovery import keep_alive, keep_alive_until
 from swarm.errors import SwarmError
+from swarm.files import write_atomic
 from swarm.optimizer import build_optimizer
 from swarm.progress import ProgressPublisher
 from swarm.rounds import PartialRoundWatch, RoundLog
@@ -101,6 +102,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
                          kwargs=dict(ttl=config.timeouts.config_ttl), name="config-keep-alive").start()
         net.write_addr_file(args.addr_file, net.reachable_maddrs(dht))
         trainer, optimizer, round_log, counters, num_params = build_trainer(config, dht, private_key)
+        reinstall_stop_handlers()  # hivemind's averagers just set SIGINT to "ignore"
         result = trainer.train(max_steps=args.max_steps, stop=stop, wait_for=args.wait_for_peers,
                                wait_timeout=config.timeouts.join)
         write_report(args.report_json, result, round_log, counters, num_params, dht)
@@ -155,7 +157,4 @@ def write_report(path: str | None, result: TrainResult, round_log: RoundLog, cou
         final_step=result.final_step, losses={str(k): v for k, v in sorted(result.losses.items())},
         rounds=round_log.as_dicts(), wire=counters.snapshot(), time=time.time(),
     )
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(target)
+    write_atomic(path, json.dumps(report, indent=1))

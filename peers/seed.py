@@ -1,9 +1,13 @@
 """``swarm seed``: start the first peer of a new swarm and publish its signed config.
 
     swarm seed --config configs/tiny.yaml --addr-file seed.addr
+    swarm seed --config configs/tiny.yaml --resume checkpoints/        # continue from the latest checkpoint
 
 The seed trains nothing; it is a DHT node that holds and re-publishes the config. Once trainers have joined,
 it may exit: they keep the config and the model state alive.
+
+With --resume it also serves a checkpoint's weights, optimizer state and step to the trainers that join, so the
+new swarm continues where the checkpoint left off (trainers download it as a late joiner downloads state).
 """
 
 from __future__ import annotations
@@ -13,15 +17,24 @@ import logging
 import sys
 import threading
 
+from pathlib import Path
+
+from peers.common import reinstall_stop_handlers
 from swarm import net, records
+from swarm.checkpoint import CONFIG_FILE, load_optimizer, load_weights, read_state
+from swarm.checkpoint import resolve as resolve_checkpoint
 from swarm.config import SwarmConfig, load_config
 from swarm.discovery import keep_alive_until, publish_config
+from swarm.errors import SwarmError
+from swarm.optimizer import build_state_averager
 
 logger = logging.getLogger("swarm.seed")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="swarm config YAML (see configs/)")
+    parser.add_argument("--config", help="swarm config YAML (see configs/); with --resume, default: the checkpoint's")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="start from a checkpoint: a step-N directory, or a --checkpoint-dir (its latest)")
     parser.add_argument("--host", help="interface to listen on (default: peer.host, 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, help="TCP port to listen on (default: peer.port; 0 picks a free one)")
     parser.add_argument("--identity", help="key file for a stable peer id and signing key (created if missing)")
@@ -37,14 +50,20 @@ def peer_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace, stop: threading.Event) -> int:
-    config = load_config(args.config, peer_overrides(args))
+    checkpoint = resolve_checkpoint(args.resume) if args.resume else None
+    if args.config is None and checkpoint is None:
+        raise SwarmError("pass --config FILE (a swarm config, see configs/) or --resume DIR (a checkpoint)")
+    config = load_config(args.config or checkpoint / CONFIG_FILE, peer_overrides(args))
     identity_path, private_key = net.load_identity(config.peer.identity)
     dht = net.start_dht(
         initial_peers=[], host=config.peer.host, port=config.peer.port, identity_path=identity_path,
         announce=config.peer.announce,
         validators=records.base_validators(private_key) + records.run_validators(config.run_id),
     )
+    state = None
     try:
+        if checkpoint is not None:
+            state = serve_checkpoint(dht, config, checkpoint)  # before anyone learns our address
         published = publish_config(dht, private_key, config)
         addresses = net.reachable_maddrs(dht)
         announce(config, addresses)
@@ -53,7 +72,29 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         return 0
     finally:
         logger.info("Seed shutting down")
+        if state is not None:
+            state.shutdown()
         dht.shutdown()
+
+
+def serve_checkpoint(dht, config: SwarmConfig, path: Path):
+    """A state averager holding the checkpoint, offered to joining trainers like a trainer's own state."""
+    from swarm.model import build_model  # transformers: needed only when resuming
+    from swarm.tokenizer import build_tokenizer
+
+    step = read_state(path)["step"]
+    model = build_model(config.model, vocab_size=build_tokenizer(config.tokenizer).vocab_size)
+    averager = build_state_averager(model.parameters(), dht=dht, run_id=config.run_id, optim=config.optimizer,
+                                    averaging=config.averaging, timeouts=config.timeouts, share=True, start=False)
+    load_weights(model, path)
+    load_optimizer(averager.optimizer, [name for name, _ in model.named_parameters()], path)
+    averager.local_epoch = step
+    averager.state_sharing_priority = step  # trainers that get further outrank us as donors
+    averager.run_in_background(await_ready=True)
+    reinstall_stop_handlers()  # hivemind's averager just set SIGINT to "ignore"
+    logger.info("Resuming from %s: global step %d; joining trainers download its weights and optimizer state",
+                path, step)
+    return averager
 
 
 def announce(config: SwarmConfig, addresses: list[str]) -> None:

@@ -93,7 +93,9 @@ def _load_checkpoint(path: Path, vocab_size: int) -> PreTrainedModel:
         raise SwarmError(f"model.checkpoint {path} has no config.json; point it at a local save_pretrained directory")
     logger.info("loading model from %s (model.architecture and sizes are ignored)", path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        # safetensors only: a checkpoint from elsewhere is never unpickled
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                                     use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise SwarmError(f"cannot load model.checkpoint {path}: {reason}") from None

@@ -112,10 +112,8 @@ def build_optimizer(
         target_batch_size=averaging.target_batch_size,
         batch_size_per_step=batch_size,
         params=list(params),
-        optimizer=lambda p: torch.optim.AdamW(
-            p, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay
-        ),
-        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim)),
+        optimizer=optimizer_factory(optim),
+        scheduler=scheduler_factory(optim),
         matchmaking_time=timeouts.matchmaking,
         averaging_timeout=timeouts.averaging,
         next_chunk_timeout=timeouts.next_chunk,
@@ -137,6 +135,32 @@ def build_optimizer(
                           max_refresh_period=max(1.0, min(timeouts.matchmaking / 2, 10.0))),
         verbose=False,
     )
+
+
+def build_state_averager(params: Iterable[torch.nn.Parameter], *, dht: hivemind.DHT, run_id: str,
+                         optim: OptimizerConfig, averaging: AveragingConfig, timeouts: TimeoutsConfig,
+                         share: bool, start: bool = True) -> TrainingStateAverager:
+    """A stand-alone averager over the same state as the trainers' optimizers (same prefix, parameter order and
+    optimizer), for peers that do not train: the monitor downloads state with it (``share=False``); a seed
+    resumed from a checkpoint serves its state with it (``share=True``)."""
+    return TrainingStateAverager(
+        dht=dht, prefix=f"{run_id}_state_averager", params=list(params), optimizer=optimizer_factory(optim),
+        scheduler=scheduler_factory(optim), allow_state_sharing=share, client_mode=dht.client_mode,
+        state_compression=build_compression(averaging.load_state_compression, size_threshold=averaging.size_threshold),
+        request_timeout=timeouts.request, next_chunk_timeout=timeouts.next_chunk, start=start,
+    )
+
+
+def optimizer_factory(optim: OptimizerConfig):
+    def make(params) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                                 weight_decay=optim.weight_decay)
+
+    return make
+
+
+def scheduler_factory(optim: OptimizerConfig):
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim))
 
 
 def lr_lambda(optim: OptimizerConfig):

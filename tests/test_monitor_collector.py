@@ -18,7 +18,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor import metrics
-from monitor.collector import CounterLedger, SnapshotPoller, StepClock, SwarmCollector, SwarmSnapshot, serve
+from monitor.collector import (CheckpointStatus, CounterLedger, SnapshotPoller, StepClock, SwarmCollector,
+                               SwarmSnapshot, serve)
 from swarm.errors import SwarmError
 from swarm.records import TrainerRecord
 
@@ -38,9 +39,10 @@ def unchecked(**fields) -> TrainerRecord:
     return TrainerRecord.construct(**{**record().dict(), **fields})
 
 
-def exposition(source, per_peer: bool = False) -> str:
+def exposition(source, per_peer: bool = False, checkpoint: CheckpointStatus | None = None) -> str:
     registry = CollectorRegistry()
-    registry.register(SwarmCollector(run_info=RUN_INFO, snapshot_source=source, per_peer=per_peer))
+    registry.register(SwarmCollector(run_info=RUN_INFO, snapshot_source=source, per_peer=per_peer,
+                                     checkpoint_source=None if checkpoint is None else lambda: checkpoint))
     return generate_latest(registry).decode()
 
 
@@ -190,8 +192,12 @@ def _expositions() -> dict[str, str]:
     hostile = {b"a": record(), b"b": unchecked(loss=float("inf"), tokens_per_second=float("nan")),
                b"c": unchecked(time=float("-inf")), b"d": record(step=0, loss=0.0, samples_per_second=0.0)}
     never_read = SnapshotPoller(lambda: {}, period=60, timeout=5)
-    return dict(full=exposition(polled(hostile).latest), per_peer=exposition(polled(hostile).latest, per_peer=True),
-                empty=exposition(polled({}).latest), never_read=exposition(never_read.latest, per_peer=True))
+    saved = CheckpointStatus(step=12, eval_loss=3.2, eval_perplexity=24.5, failures=1)
+    return dict(full=exposition(polled(hostile).latest),
+                per_peer=exposition(polled(hostile).latest, per_peer=True, checkpoint=saved),
+                empty=exposition(polled({}).latest), never_read=exposition(never_read.latest, per_peer=True),
+                no_checkpoint_yet=exposition(polled({}).latest, checkpoint=CheckpointStatus()),
+                diverged=exposition(polled({}).latest, checkpoint=CheckpointStatus(3, float("nan"), float("inf"))))
 
 
 def test_exposition_has_no_nan_or_inf_and_only_swarm_names():
@@ -285,3 +291,15 @@ def _wait_until(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.02)
+
+
+def test_checkpoint_series_only_from_a_checkpointing_monitor():
+    plain = samples(exposition(polled({}).latest))
+    assert not any(name.startswith(("swarm_eval_", "swarm_checkpoint_")) for name, _ in plain)
+    none_yet = samples(exposition(polled({}).latest, checkpoint=CheckpointStatus()))
+    assert none_yet[("swarm_checkpoint_failures_total", frozenset())] == 0
+    assert not any(name.startswith("swarm_eval_") or name == "swarm_checkpoint_step" for name, _ in none_yet)
+    saved = samples(exposition(polled({}).latest, checkpoint=CheckpointStatus(12, 3.25, 25.8, 2)))
+    assert saved[("swarm_eval_loss", frozenset())] == 3.25
+    assert saved[("swarm_checkpoint_step", frozenset())] == 12
+    assert saved[("swarm_checkpoint_failures_total", frozenset())] == 2

@@ -17,7 +17,9 @@ from pathlib import Path
 import hivemind
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from conftest import TINY, PeerProcesses, swarm_cli
 from monitor.dashboard import dashboard_queries
@@ -26,6 +28,7 @@ from swarm.progress import read_trainer_records
 
 STEPS = 14  # long enough for the late joiner (started at step 1) to start up and take 2 steps
 LATE_STEPS = 3
+CHECKPOINT_EVERY = 4
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,8 @@ def swarm_run(tmp_path_factory):
                         "--report-json", str(work / f"trainer-{i}.json"), "--save-model", str(work / f"model-{i}"),
                         "--addr-file", str(work / f"trainer-{i}.addr"))
         procs.start("monitor", "monitor", *seed_addrs, "--metrics-port", "0", "--poll-period", "1",
-                    "--addr-file", str(work / "monitor.url"))
+                    "--addr-file", str(work / "monitor.url"), "--checkpoint-dir", str(work / "checkpoints"),
+                    "--checkpoint-every", str(CHECKPOINT_EVERY), "--keep", "2", "--eval-batches", "2")
         trainer_addrs = procs.wait_file(work / "trainer-0.addr", "trainer-0")
         wait_for_step(procs, "trainer-0", 1)
         procs.stop("seed")  # the swarm must not need its seed any more
@@ -57,7 +61,10 @@ def swarm_run(tmp_path_factory):
             wait_for_step(procs, "trainer-0", 9)  # about 30 s of scrapes: enough for the dashboard's [1m] rates
         dashboard = query_dashboard(prometheus) if prometheus else None
         codes = {name: procs.wait(name, 300) for name in ["trainer-0", "trainer-1", "trainer-2", "late"]}
-        yield work, procs, codes, metrics, status, exposition, dashboard
+        final_exposition = scrape(monitor_url)
+        procs.stop("monitor")
+        assert procs.wait("monitor", 90) == 0, procs.log("monitor")[-3000:]
+        yield work, procs, codes, metrics, status, exposition, final_exposition, dashboard
     finally:
         procs.close()
 
@@ -198,7 +205,7 @@ def test_late_joiner_downloads_state_through_a_trainer(swarm_run):
 
 
 def test_progress_records_in_the_dht(swarm_run):
-    *_, metrics, _, _, _ = swarm_run
+    *_, metrics, _, _, _, _ = swarm_run
     assert metrics, "no trainer progress records found in the DHT"
     for record in metrics.values():
         assert record.step >= 1
@@ -207,7 +214,7 @@ def test_progress_records_in_the_dht(swarm_run):
 
 
 def test_status_shows_the_running_swarm(swarm_run):
-    *_, status, _, _ = swarm_run
+    *_, status, _, _, _ = swarm_run
     assert status.returncode == 0, status.stderr[-2000:]
     assert "swarm 'tiny'" in status.stdout and "global step" in status.stdout
     assert re.search(r"trainers [34]\b", status.stdout), status.stdout  # the late joiner may be in already
@@ -215,7 +222,7 @@ def test_status_shows_the_running_swarm(swarm_run):
 
 
 def test_monitor_exports_the_swarm(swarm_run):
-    *_, exposition, _ = swarm_run
+    *_, exposition, _, _ = swarm_run
     assert sample(exposition, "swarm_up") == 1
     assert sample(exposition, "swarm_peers") >= 3
     assert sample(exposition, "swarm_step") >= 3
@@ -230,9 +237,10 @@ def test_monitor_exports_the_swarm(swarm_run):
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (.ci/run installs Debian's prometheus)")
 def test_monitor_output_passes_promtool(swarm_run):
-    *_, exposition, _ = swarm_run
-    result = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True)
-    assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), result
+    *_, exposition, final_exposition, _ = swarm_run
+    for text in (exposition, final_exposition):
+        result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+        assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), result
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (.ci/run installs it)")
@@ -243,9 +251,67 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(swarm_run):
     assert not empty, f"dashboard queries without data: {empty}"
     values = {expr: [float(r["value"][1]) for r in result] for expr, result in dashboard.items()}
     assert all(v == 1 for v in values["swarm_up"])
+    assert 0 < min(values["swarm_eval_loss"]) < 6
     assert min(values["swarm_peers"]) >= 3
     assert max(values["rate(swarm_averaging_sent_bytes_total[1m])"]) > 0
     assert all(math.isfinite(v) for vs in values.values() for v in vs)
+
+
+def test_monitor_checkpoints_load_with_from_pretrained(swarm_run):
+    work, *_ = swarm_run
+    root = work / "checkpoints"
+    kept = sorted(path.name for path in root.glob("step-*"))
+    assert 1 <= len(kept) <= 2, kept  # --keep 2
+    latest = (root / "latest").resolve()
+    assert latest.name == kept[-1] and not list(root.glob(".tmp-*"))
+    state = json.loads((latest / "swarm_state.json").read_text())
+    assert state["step"] >= CHECKPOINT_EVERY and latest.name == f"step-{state['step']:08d}"
+    assert state["run_id"] == "tiny" and state["num_params"] == 3_258_112
+    model = AutoModelForCausalLM.from_pretrained(root / "latest")
+    assert sum(p.numel() for p in model.parameters()) == 3_258_112
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    optimizer = load_file(latest / "optimizer.safetensors")
+    assert optimizer["transformer.wte.weight/exp_avg_sq"].shape == (257, 256)
+    assert all(torch.isfinite(t).all() for t in optimizer.values())
+    assert optimizer["transformer.wte.weight/exp_avg_sq"].abs().sum() > 0  # trained moments, not fresh zeros
+    assert yaml.safe_load((latest / "swarm_config.yaml").read_text())["run_id"] == "tiny"
+    assert json.loads((latest / "swarm_tokenizer.json").read_text())["vocab_size"] == 257
+
+
+def test_checkpoints_are_evaluated_and_exported(swarm_run):
+    work, procs, *_, final_exposition, _ = swarm_run
+    latest = (work / "checkpoints" / "latest").resolve()
+    evaluation = json.loads((latest / "eval.json").read_text())
+    assert 0 < evaluation["loss"] < 5.0, evaluation  # below a fresh model's ~5.5
+    assert evaluation["perplexity"] == pytest.approx(math.exp(evaluation["loss"]))
+    assert evaluation["step"] == json.loads((latest / "swarm_state.json").read_text())["step"]
+    assert sample(final_exposition, "swarm_eval_loss") == pytest.approx(evaluation["loss"])
+    assert sample(final_exposition, "swarm_checkpoint_step") == evaluation["step"]
+    assert sample(final_exposition, "swarm_checkpoint_failures_total") == 0, procs.log("monitor")[-3000:]
+
+
+def test_seed_resumes_a_swarm_from_a_checkpoint(swarm_run, tmp_path):
+    work, *_ = swarm_run
+    step = json.loads((work / "checkpoints" / "latest" / "swarm_state.json").read_text())["step"]
+    procs = PeerProcesses(tmp_path)
+    try:
+        procs.start("seed", "seed", "--resume", str(work / "checkpoints"), "--addr-file", str(tmp_path / "seed.addr"))
+        addrs = procs.wait_file(tmp_path / "seed.addr", "seed")
+        for i in range(2):
+            procs.start(f"trainer-{i}", "join", *addrs, "--max-steps", "1", "--wait-for-peers", "2",
+                        "--report-json", str(tmp_path / f"trainer-{i}.json"))
+        codes = {name: procs.wait(name, 240) for name in ["trainer-0", "trainer-1"]}
+        assert codes == {"trainer-0": 0, "trainer-1": 0}, {name: procs.log(name)[-2000:] for name in codes}
+        assert f"Resuming from {work / 'checkpoints'}" in procs.log("seed")
+    finally:
+        procs.close()
+    assert not procs.leftovers(), [p.cmdline() for p in procs.leftovers()]
+    resumed = [report(tmp_path, f"trainer-{i}") for i in range(2)]
+    for trainer in resumed:
+        assert trainer["start_step"] == step and trainer["final_step"] == step + 1, trainer
+        assert trainer["rounds"][0]["outcome"] == "averaged", trainer["rounds"]
+    first_loss = sum(trainer["losses"][str(step)] for trainer in resumed) / 2
+    assert first_loss < 4.5, [trainer["losses"] for trainer in resumed]  # a fresh model starts near 5.5
 
 
 def test_no_helper_process_outlives_the_swarm(swarm_run):
