@@ -3,6 +3,8 @@
     swarm demo --peers 3 --steps 10 --summary-json summary.json
 
 Each peer is a real process (logs under --workdir); the demo watches their progress records in the DHT.
+Its monitor peer serves Prometheus metrics and saves checkpoints (evaluated on held-out text) under
+WORKDIR/checkpoints, halfway and at the end when it gets there before the trainers leave.
 """
 
 from __future__ import annotations
@@ -81,10 +83,13 @@ def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float, what: str 
     raise SwarmError(f"{what} was not ready after {timeout:.0f} s")
 
 
-def start_monitor(peers: Peers, addresses: list[str], port: int, workdir: Path) -> None:
+def start_monitor(peers: Peers, addresses: list[str], port: int, workdir: Path, steps: int) -> None:
     """The monitor peer is a convenience here: if it cannot start, the demo goes on without it."""
     monitor = peers.start("monitor", ["monitor", *addresses, "--metrics-port", str(port), "--poll-period", "2",
-                                      "--addr-file", str(workdir / "monitor.url")])
+                                      "--addr-file", str(workdir / "monitor.url"),
+                                      "--checkpoint-dir", str(workdir / "checkpoints"),
+                                      "--checkpoint-every", str(max(1, steps // 2)), "--keep", "2",
+                                      "--eval-batches", "4"])
     try:
         url = wait_for_file(workdir / "monitor.url", monitor, timeout=60, what="the monitor")[0]
         print(f"Monitor serving Prometheus metrics at {url}", flush=True)
@@ -111,7 +116,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
             print(peers.log_tail("seed"), file=sys.stderr)
             raise
         print(f"Seed ready at {addresses[0]}", flush=True)
-        start_monitor(peers, addresses, args.metrics_port, workdir)
+        start_monitor(peers, addresses, args.metrics_port, workdir, args.steps)
         for index in range(args.peers):
             peers.start(f"trainer-{index}", ["join", *addresses, "--max-steps", str(args.steps),
                                              "--wait-for-peers", str(args.peers),
@@ -125,6 +130,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
             raise SwarmError(f"{len(failed)} trainer(s) failed: see the logs in {workdir}")
         reports = [json.loads((workdir / f"trainer-{i}.json").read_text()) for i in range(args.peers)]
         summary = summarize(reports)
+        summary["checkpoint"] = latest_checkpoint(workdir / "checkpoints")
         print_summary(summary)
         if args.summary_json:
             Path(args.summary_json).write_text(json.dumps(summary, indent=1))
@@ -160,6 +166,17 @@ def progress_line(workdir: Path, trainers: list[str], steps: int) -> str:
     return "  " + " | ".join(f"{name}: {state}" for name, state in latest.items()) + f"   (target {steps} steps)"
 
 
+def latest_checkpoint(root: Path) -> dict | None:
+    """The monitor's newest checkpoint and its held-out evaluation, if it saved one."""
+    try:
+        state = json.loads((root / "latest" / "swarm_state.json").read_text())
+        evaluation = json.loads((root / "latest" / "eval.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return dict(path=str(root / "latest"), step=state.get("step"), eval_loss=evaluation.get("loss"),
+                eval_perplexity=evaluation.get("perplexity"))
+
+
 def print_summary(summary: dict) -> None:
     print("\nSummary", flush=True)
     print(f"  global steps made:            {summary['steps']}")
@@ -170,5 +187,9 @@ def print_summary(summary: dict) -> None:
           f"{summary['grad_bytes_per_param_per_round']:.3f} sent per peer per round")
     print(f"  bytes sent by all peers:      {summary['bytes_sent'] / 1e6:.1f} MB "
           f"(fp32 would be {summary['bytes_sent_fp32'] / 1e6:.1f} MB; saved {summary['bytes_saved'] / 1e6:.1f} MB)")
+    checkpoint = summary.get("checkpoint")
+    if checkpoint:
+        print(f"  latest checkpoint:            step {checkpoint['step']}, held-out loss {checkpoint['eval_loss']:.3f} "
+              f"(perplexity {checkpoint['eval_perplexity']:.1f})\n    {checkpoint['path']}")
     print(flush=True)
 

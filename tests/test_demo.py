@@ -31,6 +31,9 @@ def test_demo_summary(tmp_path):
     assert summary["loss_last"] < summary["loss_first"]
     assert 1.0 <= summary["wire_bytes_per_param"] < 1.1
     assert summary["bytes_saved"] > 0
+    checkpoint = summary["checkpoint"]  # the demo's monitor saves one halfway (every max(1, 3 // 2) steps)
+    assert checkpoint and 1 <= checkpoint["step"] <= 3 and 0 < checkpoint["eval_loss"] < 6, checkpoint
+    assert (tmp_path / "run" / "checkpoints" / "latest" / "model.safetensors").is_file()
 
 
 def test_demo_ctrl_c_stops_every_process(tmp_path):
