@@ -10,4 +10,6 @@
 - ``rounds``: round outcomes (averaged / partial / skipped / failed) and partial-round detection.
 - ``devices``: device, precision and batch size choices.
 - ``training``: the training loop; ``progress``: publishing/reading progress records; ``summary``: run summaries.
+- ``checkpoint``: checkpoint files (safetensors only), written atomically, last K kept; ``evaluation``: held-out loss.
+- ``files``: durable atomic writes.
 """
