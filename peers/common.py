@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import sys
 import threading
 import warnings
+from pathlib import Path
 from typing import Callable
 
 from swarm.errors import SwarmError
@@ -62,7 +64,8 @@ def install_stop_handlers() -> threading.Event:
     owner = os.getpid()
 
     def handler(signum, frame):
-        if os.getpid() != owner:  # a forked hivemind process (DHT, averager): let the signal end it as usual
+        if os.getpid() != owner:  # a forked hivemind process (DHT, averager): end it, and the p2pd it started
+            _signal_own_children(signal.SIGTERM)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
@@ -74,7 +77,48 @@ def install_stop_handlers() -> threading.Event:
     global _installed
     _installed = handler
     reinstall_stop_handlers()
+    os.register_at_fork(before=_remember_forking_process, after_in_child=_die_with_parent)
     return stop
+
+
+_forking_pid = 0
+
+
+def _remember_forking_process() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+def _die_with_parent() -> None:
+    """In each forked helper (hivemind's DHT and averager processes): get SIGTERM when this peer's main process
+    dies, even by kill -9, so no helper goes on averaging for a dead peer. The handler above then stops the
+    helper's own children (p2pd) too."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != _forking_pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _signal_own_children(signum: int) -> None:
+    """Signal this process's direct children, from /proc (Linux); elsewhere do nothing."""
+    for children in Path("/proc/self/task").glob("*/children"):
+        try:
+            pids = children.read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                os.kill(int(pid), signum)
+            except (ProcessLookupError, PermissionError, ValueError):
+                pass
 
 
 _installed: Callable | None = None

@@ -131,8 +131,13 @@ def build_optimizer(
         averager_opts=averager_opts,
         # refresh the swarm's progress often enough that no peer notices the end of a step a matchmaking late
         # (and while it sees no other peer, look again soon: the first global step must not go alone)
+        # A peer that vanished (kill -9, power cut) keeps its progress record, and with it a claim on the global
+        # step, until the record expires: with hivemind's 60 s default the survivors believed they had fallen
+        # behind and re-downloaded state for a minute. Records are re-published every expiration/2 even
+        # without progress, so slow peers do not expire.
         tracker_opts=dict(private_key=private_key, min_refresh_period=0.5, default_refresh_period=0.5,
-                          max_refresh_period=max(1.0, min(timeouts.matchmaking / 2, 10.0))),
+                          max_refresh_period=max(1.0, min(timeouts.matchmaking / 2, 10.0)),
+                          metadata_expiration=max(10.0, timeouts.matchmaking + timeouts.averaging)),
         verbose=False,
     )
 

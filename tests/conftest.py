@@ -24,13 +24,14 @@ class PeerProcesses:
         self.procs: dict[str, subprocess.Popen] = {}
         self.seen: dict[int, psutil.Process] = {}
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        """Start ``swarm ARGS`` as process ``name`` (its output goes to NAME.log)."""
-        return self.start_program(name, [sys.executable, "-m", "peers.cli", *args])
+    def start(self, name: str, *args: str, new_session: bool = False) -> subprocess.Popen:
+        """Start ``swarm ARGS`` as process ``name`` (its output goes to NAME.log); ``new_session``: in a process
+        group of its own (so a test can kill the group)."""
+        return self.start_program(name, [sys.executable, "-m", "peers.cli", *args], new_session=new_session)
 
-    def start_program(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def start_program(self, name: str, argv: list[str], new_session: bool = False) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "w")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session,
                                 stdin=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
         self.procs[name] = proc

@@ -165,7 +165,7 @@ def test_kill_9_during_saves_always_leaves_a_loadable_latest(tmp_path):
     script = WRITER.format(root=root, directory=str(tmp_path / "ckpt"))
     rng = random.Random(1234)
     step, kills, mid_save = 0, 0, 0
-    for attempt in range(6):
+    for attempt in range(4):
         writer = subprocess.Popen([sys.executable, "-c", script, str(step * 1000)], stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True, cwd=root)
         try:
@@ -186,8 +186,8 @@ def test_kill_9_during_saves_always_leaves_a_loadable_latest(tmp_path):
         load_weights(model, latest)
         load_optimizer(optimizer_factory(OptimizerConfig())(model.parameters()), names(model), latest)
         assert read_state(latest)["step"] >= 1
-    assert kills == 6 and mid_save >= 1, "no kill landed inside a save"  # saves fill nearly all the writer's time
-    assert (tmp_path / "ckpt" / "latest").exists(), "no save finished in 6 runs"
+    assert kills == 4 and mid_save >= 1, "no kill landed inside a save"  # saves fill nearly all the writer's time
+    assert (tmp_path / "ckpt" / "latest").exists(), "no save finished in 4 runs"
     CheckpointStore(tmp_path / "ckpt", keep=2).open().close()  # scratch from the kills is cleared on open
     assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith((".tmp-", ".old-"))]
 
