@@ -88,7 +88,6 @@ class Checkpointer(threading.Thread):
         self.puller, self.store, self.every, self.step_source = puller, store, every, step_source
         self.stop_event, self.poll, self.retry_after = stop, poll, retry_after
         self.status = _status_on_disk(store)
-        self.last_saved = self.status.step if self.status.step is not None else 0
 
     def current_status(self) -> CheckpointStatus:
         return self.status
@@ -97,7 +96,8 @@ class Checkpointer(threading.Thread):
         retry_at = 0.0
         while not self.stop_event.wait(self.poll):
             step = self.step_source()
-            if step is None or step < self.last_saved + self.every or time.monotonic() < retry_at:
+            last_saved = self.status.step or 0
+            if step is None or step < last_saved + self.every or time.monotonic() < retry_at:
                 continue
             try:
                 if not self.checkpoint_once():
@@ -118,7 +118,6 @@ class Checkpointer(threading.Thread):
         self.puller.check()
         evaluation = self.puller.evaluate(step)
         path = self.store.save(step, lambda tmp: self.puller.write(tmp, step, evaluation))
-        self.last_saved = step
         loss = evaluation.loss if evaluation else None
         self.status = CheckpointStatus(step, loss, evaluation.perplexity if evaluation else None, self.status.failures)
         if evaluation:
