@@ -111,16 +111,24 @@ def start_prometheus(procs: PeerProcesses, work: Path, monitor_url: str) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def query_dashboard(prometheus: str) -> dict[str, list]:
-    """Every dashboard query, answered by Prometheus' HTTP API: {expr: result vector}."""
-    answers = {}
-    for _, expr in dashboard_queries():
-        url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body = json.loads(response.read())
-        assert body["status"] == "success", body
-        answers[expr] = body["data"]["result"]
-    return answers
+def query_dashboard(prometheus: str, patience: float = 90) -> dict[str, list]:
+    """Every dashboard query, answered by Prometheus' HTTP API: {expr: result vector}. Queries still empty are
+    asked again while the swarm runs (the first checkpoint's eval loss may still be on its way)."""
+    import time
+
+    answers, deadline = {}, time.monotonic() + patience
+    while True:
+        for _, expr in dashboard_queries():
+            if answers.get(expr):
+                continue
+            url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+            with urllib.request.urlopen(url, timeout=10) as response:
+                body = json.loads(response.read())
+            assert body["status"] == "success", body
+            answers[expr] = body["data"]["result"]
+        if all(answers.values()) or time.monotonic() > deadline:
+            return answers
+        time.sleep(2)
 
 
 def scrape(url: str) -> str:
