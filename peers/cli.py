@@ -5,6 +5,7 @@
     swarm demo --peers 3 --steps 10            # seed + trainers on 127.0.0.1, with a summary
     swarm monitor /ip4/.../p2p/...             # Prometheus metrics at http://127.0.0.1:9100/metrics
     swarm status /ip4/.../p2p/...              # the swarm's state in the terminal
+    swarm token --identity seed.key --name alice --expires 7d --out alice.token   # for a private swarm
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ ROLES = {
     "demo": "run a seed and N trainers on 127.0.0.1 and print a summary",
     "monitor": "serve a running swarm's state to Prometheus at /metrics",
     "status": "print a running swarm's step, loss, peers and averaging outcomes",
+    "token": "mint an access token for a private swarm (swarm seed --private), or check one",
 }
 
 

@@ -1,6 +1,7 @@
 """``swarm join ADDR``: a volunteer's trainer. It needs nothing but a live peer's address.
 
     swarm join /ip4/203.0.113.5/tcp/31337/p2p/QmSeed... [--max-steps 100]
+    swarm join /ip4/203.0.113.5/tcp/31337/p2p/QmSeed... --token alice.token     # a private swarm
 
 It fetches and verifies the swarm's config, builds the model and its data shard, downloads the current
 state from peers, and trains with 8-bit gradient averaging until stopped (or until the swarm has made
@@ -20,6 +21,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from peers.common import reinstall_stop_handlers
 from swarm import compression, net
+from swarm.access import Access, MemberGate, keep_membership_until, load_access
 from swarm.config import SwarmConfig, adopt_shared, peer_from_overrides
 from swarm.data import train_batches
 from swarm.devices import choose_batch_size, choose_device
@@ -30,6 +32,7 @@ from swarm.files import write_atomic
 from swarm.optimizer import build_optimizer
 from swarm.progress import ProgressPublisher
 from swarm.rounds import PartialRoundWatch, RoundLog
+from swarm.state import state_digest
 from swarm.tokenizer import build_tokenizer
 from swarm.training import Trainer, TrainResult, owner_subkey, peer_seed
 
@@ -44,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-mode", action="store_true", default=None,
                         help="behind NAT/firewall: connect out only (others cannot dial this peer)")
     parser.add_argument("--identity", help="key file for a stable peer id and signing key (created if missing)")
+    parser.add_argument("--token", metavar="FILE",
+                        help="a private swarm's access token (file or string from its researcher); it is also "
+                             "this peer's identity")
     parser.add_argument("--host", help="interface to listen on (default: 0.0.0.0 for remote swarms, else 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port to listen on (default 0: a free one)")
     parser.add_argument("--addr-file", help="write this peer's multiaddrs here, one per line, once it is ready")
@@ -78,12 +84,12 @@ def default_host(addresses: list[str]) -> str:
     return "127.0.0.1"
 
 
-def connect(args: argparse.Namespace, overrides: list[str]):
+def connect(args: argparse.Namespace, overrides: list[str], access: Access | None = None):
     """Join the swarm through the given addresses and adopt its config (with our own peer.* choices)."""
     local = peer_from_overrides(overrides)  # bad per-peer flags fail before we connect
     dht, private_key, published = discovery.connect(
         args.addresses, host=local.host, port=local.port, identity=local.identity, announce=local.announce,
-        client_mode=local.client_mode, run_id=args.run_id, timeout=args.timeout)
+        client_mode=local.client_mode, run_id=args.run_id, timeout=args.timeout, access=access)
     try:
         config = adopt_shared(published.shared, overrides)
     except BaseException:
@@ -94,15 +100,21 @@ def connect(args: argparse.Namespace, overrides: list[str]):
 
 
 def run(args: argparse.Namespace, stop: threading.Event) -> int:
-    dht, private_key, config, published = connect(args, local_overrides(args))
+    access = load_access(args.token)  # an expired or tampered token fails before we connect
+    dht, private_key, config, published = connect(args, local_overrides(args), access)
     optimizer = None
     try:
+        if access is not None:  # re-publish our token; stop when it expires
+            threading.Thread(target=keep_membership_until, args=(stop, dht, access), daemon=True,
+                             name="membership").start()
         keep_alive(dht, published, ttl=config.timeouts.config_ttl)  # the config outlives the seed through us
         threading.Thread(target=keep_alive_until, args=(stop, dht, published), daemon=True,
                          kwargs=dict(ttl=config.timeouts.config_ttl), name="config-keep-alive").start()
         net.write_addr_file(args.addr_file, net.reachable_maddrs(dht))
-        trainer, optimizer, round_log, counters, num_params = build_trainer(config, dht, private_key)
+        trainer, optimizer, round_log, counters, num_params = build_trainer(
+            config, dht, private_key, gate=access.gate() if access else None)
         reinstall_stop_handlers()  # hivemind's averagers just set SIGINT to "ignore"
+        trainer.publisher.config_subkey = published.subkey
         result = trainer.train(max_steps=args.max_steps, stop=stop, wait_for=args.wait_for_peers,
                                wait_timeout=config.timeouts.join)
         write_report(args.report_json, result, round_log, counters, num_params, dht)
@@ -117,7 +129,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         dht.shutdown()
 
 
-def build_trainer(config: SwarmConfig, dht, private_key):
+def build_trainer(config: SwarmConfig, dht, private_key, gate: MemberGate | None = None):
     from swarm.model import build_model, count_parameters  # transformers: slow to import, needed only here
 
     plan = choose_device(config.peer.device)
@@ -137,12 +149,14 @@ def build_trainer(config: SwarmConfig, dht, private_key):
     optimizer = build_optimizer(
         model.parameters(), dht=dht, private_key=private_key, run_id=config.run_id, batch_size=batch_size,
         client_mode=config.peer.client_mode, optim=config.optimizer, averaging=config.averaging,
-        timeouts=config.timeouts, round_log=round_log, partial_watch=partial_watch,
+        timeouts=config.timeouts, round_log=round_log, partial_watch=partial_watch, gate=gate,
     )
     batches = train_batches(config.data, tokenizer, batch_size=batch_size, seed=peer_seed(dht, config.peer.seed))
     publisher = ProgressPublisher(dht=dht, run_id=config.run_id, subkey=owner_subkey(private_key),
                                   device=plan.label, round_log=round_log, counters=counters,
                                   ttl=config.timeouts.record_ttl)
+    parameters = list(model.parameters())
+    publisher.digest_source = lambda: (optimizer.local_epoch, state_digest(parameters))
     trainer = Trainer(model=model, optimizer=optimizer, batches=batches, plan=plan,
                       max_grad_norm=config.optimizer.max_grad_norm, publisher=publisher)
     return trainer, optimizer, round_log, counters, num_params
@@ -154,7 +168,7 @@ def write_report(path: str | None, result: TrainResult, round_log: RoundLog, cou
         return
     report = dict(
         peer_id=dht.peer_id.to_base58(), num_params=num_params, start_step=result.start_step,
-        final_step=result.final_step, losses={str(k): v for k, v in sorted(result.losses.items())},
+        final_step=result.final_step, lr=result.lr, losses={str(k): v for k, v in sorted(result.losses.items())},
         rounds=round_log.as_dicts(), wire=counters.snapshot(), time=time.time(),
     )
     write_atomic(path, json.dumps(report, indent=1))

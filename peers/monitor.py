@@ -2,6 +2,7 @@
 
     swarm monitor /ip4/203.0.113.5/tcp/31337/p2p/QmSeed... --metrics-port 9100
     swarm monitor ADDR --checkpoint-dir ckpt --checkpoint-every 100 --keep 3
+    swarm monitor ADDR --token monitor.token         # a private swarm
 
 It reads the trainers' signed progress records from the DHT every few seconds and serves aggregates at
 http://HOST:PORT/metrics (a scrape never waits on the DHT), with /healthz for process supervisors.
@@ -20,6 +21,7 @@ import threading
 from monitor.collector import SnapshotPoller, SwarmCollector, serve, usable
 from peers.common import reinstall_stop_handlers
 from swarm import discovery
+from swarm.access import keep_membership_until, load_access
 from swarm.config import adopt_shared
 from swarm.errors import SwarmError
 from swarm.net import write_addr_file
@@ -41,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface for the DHT (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="TCP port for the DHT (default 0: a free one)")
     parser.add_argument("--identity", help="key file for a stable peer id (created if missing)")
+    parser.add_argument("--token", metavar="FILE",
+                        help="a private swarm's access token (file or string); it is also this peer's identity")
     parser.add_argument("--run-id", help="which swarm, if several advertise through this address")
     parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                         help="how long to retry unreachable addresses before giving up (default 60)")
@@ -74,11 +78,15 @@ def open_checkpoint_store(args: argparse.Namespace):
 
 
 def monitor(args: argparse.Namespace, stop: threading.Event, store) -> int:
+    access = load_access(args.token)
     dht, _, published = discovery.connect(args.addresses, host=args.host, port=args.port, identity=args.identity,
-                                          run_id=args.run_id, timeout=args.timeout)
+                                          run_id=args.run_id, timeout=args.timeout, access=access)
     run_id = published.record.run_id
     poller = server = checkpointer = None
     try:
+        if access is not None:  # trainers serve state downloads (checkpoints) to members only
+            threading.Thread(target=keep_membership_until, args=(stop, dht, access), daemon=True,
+                             name="membership").start()
         poller = SnapshotPoller(lambda: read_trainer_records(dht, run_id), period=args.poll_period,
                                 timeout=2 * args.poll_period)
         poller.start()

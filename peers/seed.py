@@ -8,6 +8,9 @@ it may exit: they keep the config and the model state alive.
 
 With --resume it also serves a checkpoint's weights, optimizer state and step to the trainers that join, so the
 new swarm continues where the checkpoint left off (trainers download it as a late joiner downloads state).
+
+With --private only peers holding an access token signed by the seed's key (--identity) may use the DHT,
+average or download state; mint tokens with `swarm token --identity SEED_KEY --name NAME --expires 7d`.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from pathlib import Path
 
 from peers.common import reinstall_stop_handlers
 from swarm import net, records
+from swarm.access import Access, seed_access
 from swarm.checkpoint import CONFIG_FILE, load_optimizer, load_weights, read_state
 from swarm.checkpoint import resolve as resolve_checkpoint
 from swarm.config import SwarmConfig, load_config
 from swarm.discovery import keep_alive_until, publish_config
 from swarm.errors import SwarmError
 from swarm.optimizer import build_state_averager
+from swarm.training import owner_subkey as signing_subkey
 
 logger = logging.getLogger("swarm.seed")
 
@@ -39,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="TCP port to listen on (default: peer.port; 0 picks a free one)")
     parser.add_argument("--identity", help="key file for a stable peer id and signing key (created if missing)")
     parser.add_argument("--addr-file", help="write this peer's multiaddrs here, one per line, once it is ready")
+    parser.add_argument("--private", action="store_true",
+                        help="admit only peers with an access token signed by --identity (see `swarm token`)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field, e.g. --set averaging.compression=fp16 (repeatable)")
 
@@ -54,19 +61,24 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
     if args.config is None and checkpoint is None:
         raise SwarmError("pass --config FILE (a swarm config, see configs/) or --resume DIR (a checkpoint)")
     config = load_config(args.config or checkpoint / CONFIG_FILE, peer_overrides(args))
+    if args.private and config.peer.identity is None:
+        raise SwarmError("--private needs --identity FILE: tokens are signed with that key, so keep the file")
     identity_path, private_key = net.load_identity(config.peer.identity)
+    access = seed_access(private_key, identity_path) if args.private else None
     dht = net.start_dht(
         initial_peers=[], host=config.peer.host, port=config.peer.port, identity_path=identity_path,
-        announce=config.peer.announce,
-        validators=records.base_validators(private_key) + records.run_validators(config.run_id),
+        announce=config.peer.announce, authorizer=access.authorizer() if access else None,
+        validators=records.base_validators(private_key) + records.run_validators(config.run_id)
+        + (access.validators() if access else []),
     )
     state = None
     try:
         if checkpoint is not None:
-            state = serve_checkpoint(dht, config, checkpoint)  # before anyone learns our address
+            # before anyone learns our address
+            state = serve_checkpoint(dht, config, checkpoint, access, owner_subkey=signing_subkey(private_key))
         published = publish_config(dht, private_key, config)
         addresses = net.reachable_maddrs(dht)
-        announce(config, addresses)
+        announce(config, addresses, private_key=identity_path if access else None)
         net.write_addr_file(args.addr_file, addresses)
         keep_alive_until(stop, dht, published, ttl=config.timeouts.config_ttl)
         return 0
@@ -77,7 +89,8 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         dht.shutdown()
 
 
-def serve_checkpoint(dht, config: SwarmConfig, path: Path):
+def serve_checkpoint(dht, config: SwarmConfig, path: Path, access: Access | None = None, *,
+                     owner_subkey: bytes | None = None):
     """A state averager holding the checkpoint, offered to joining trainers like a trainer's own state."""
     from swarm.model import build_model  # transformers: needed only when resuming
     from swarm.tokenizer import build_tokenizer
@@ -85,7 +98,8 @@ def serve_checkpoint(dht, config: SwarmConfig, path: Path):
     step = read_state(path)["step"]
     model = build_model(config.model, vocab_size=build_tokenizer(config.tokenizer).vocab_size)
     averager = build_state_averager(model.parameters(), dht=dht, run_id=config.run_id, optim=config.optimizer,
-                                    averaging=config.averaging, timeouts=config.timeouts, share=True, start=False)
+                                    averaging=config.averaging, timeouts=config.timeouts, share=True, start=False,
+                                    gate=access.gate() if access else None, owner_subkey=owner_subkey)
     load_weights(model, path)
     load_optimizer(averager.optimizer, [name for name, _ in model.named_parameters()], path)
     averager.local_epoch = step
@@ -97,12 +111,18 @@ def serve_checkpoint(dht, config: SwarmConfig, path: Path):
     return averager
 
 
-def announce(config: SwarmConfig, addresses: list[str]) -> None:
+def announce(config: SwarmConfig, addresses: list[str], private_key: str | None = None) -> None:
+    """``private_key``: the identity file of a private seed, named in the instructions for minting tokens."""
     logger.info("Swarm %r is up (config %s). This peer's addresses:", config.run_id, config.fingerprint())
     for address in addresses:
         logger.info("  %s", address)
     command = "swarm join " + " ".join(addresses)
-    print(f"\nVolunteers join with:\n\n  {command}\n", file=sys.stdout, flush=True)
+    if private_key is None:
+        print(f"\nVolunteers join with:\n\n  {command}\n", file=sys.stdout, flush=True)
+    else:
+        print(f"\nThis swarm is private. Mint a token for each volunteer:\n\n  swarm token --identity {private_key} "
+              f"--name NAME --expires 7d --out NAME.token\n\nand hand it over privately; they join with:\n\n"
+              f"  {command} --token NAME.token\n", file=sys.stdout, flush=True)
     if config.peer.host in ("127.0.0.1", "localhost", "::1"):
         logger.info("Listening on %s only: to accept peers from other machines, pass --host 0.0.0.0",
                     config.peer.host)

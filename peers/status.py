@@ -1,6 +1,6 @@
 """``swarm status ADDR``: the swarm's state in the terminal, for people without Grafana.
 
-    swarm status /ip4/203.0.113.5/tcp/31337/p2p/QmSeed...
+    swarm status /ip4/203.0.113.5/tcp/31337/p2p/QmSeed... [--token alice.token]
 
 Joins the DHT as a client for a moment, reads the trainers' progress records and prints step, ETA, loss,
 each peer's throughput and device, and averaging outcomes. Exits non-zero when the swarm cannot be reached.
@@ -15,6 +15,7 @@ import time
 
 from monitor.collector import peer_label
 from swarm import discovery
+from swarm.access import load_access
 from swarm.progress import read_trainer_records
 from swarm.records import TrainerRecord
 
@@ -22,13 +23,14 @@ from swarm.records import TrainerRecord
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("addresses", nargs="+", metavar="ADDR", help="multiaddr of any live peer of the swarm")
     parser.add_argument("--run-id", help="which swarm, if several advertise through this address")
+    parser.add_argument("--token", metavar="FILE", help="a private swarm's access token (file or string)")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                         help="how long to retry unreachable addresses before giving up (default 30)")
 
 
 def run(args: argparse.Namespace, stop: threading.Event) -> int:
     dht, _, published = discovery.connect(args.addresses, client_mode=True, run_id=args.run_id,
-                                          timeout=args.timeout)
+                                          timeout=args.timeout, access=load_access(args.token))
     try:
         trainers = read_trainer_records(dht, published.record.run_id)
     finally:

@@ -4,6 +4,7 @@
 - ``records``: DHT key names and record schemas (signed config, trainers' progress records) and validators.
 - ``net``: identities, multiaddr checks, starting the DHT with bounded retries and clear errors.
 - ``discovery``: publishing the signed config and fetching it given nothing but an address.
+- ``access``: private swarms: access tokens signed by the seed's key, DHT authorization, members-only averagers.
 - ``tokenizer``, ``data``, ``model``: byte tokenizer, corpora and per-peer shards, causal LMs from configs.
 - ``compression``: the averaging codecs, wire byte counters, and a start-up check of the 8-bit codecs.
 - ``optimizer``: hivemind.Optimizer built from the config, recording each global step's averaging outcome.

@@ -102,8 +102,9 @@ class TimeoutsConfig(_Section):
     next_chunk: float = Field(30.0, gt=0.0)
     load_state: float = Field(300.0, gt=0.0)
     join: float = Field(60.0, gt=0.0, description="how long a joiner retries unreachable addresses")
-    record_ttl: float = Field(60.0, gt=0.0, description="lifetime of a trainer's progress record")
-    config_ttl: float = Field(7 * 86400.0, gt=0.0, description="lifetime of the published swarm config")
+    # upper bounds: honest DHT nodes refuse records that live longer (swarm.records.MAX_TTL, MAX_CONFIG_TTL)
+    record_ttl: float = Field(60.0, gt=0.0, le=3600.0, description="lifetime of a trainer's progress record")
+    config_ttl: float = Field(7 * 86400.0, gt=0.0, le=30 * 86400.0, description="lifetime of the published config")
 
     @model_validator(mode="after")
     def _averaging_outlasts_matchmaking(self) -> "TimeoutsConfig":

@@ -21,9 +21,11 @@ import hivemind
 from cryptography.hazmat.primitives import serialization
 from hivemind.p2p import P2P
 from hivemind.proto import crypto_pb2
+from hivemind.utils.auth import AuthorizerBase
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 
+from swarm import records
 from swarm.errors import SwarmError
 from swarm.files import write_atomic
 
@@ -31,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 REACHABILITY_HINT = (
     "check the address (copy it from the seed's output or --addr-file), that the peer is still running, "
-    "that no firewall blocks its port, and that it listens on a reachable interface (--host 0.0.0.0)"
+    "that no firewall blocks its port, and that it listens on a reachable interface (--host 0.0.0.0); "
+    "a private swarm answers only peers with a valid --token from its researcher"
 )
 
 
@@ -117,9 +120,12 @@ def start_dht(
     announce: Sequence[str] = (),
     client_mode: bool = False,
     join_timeout: float = 60.0,
+    authorizer: AuthorizerBase | None = None,
 ) -> hivemind.DHT:
-    """Start this peer's DHT node, retrying unreachable initial peers for up to ``join_timeout`` seconds."""
+    """Start this peer's DHT node, retrying unreachable initial peers for up to ``join_timeout`` seconds.
+    ``authorizer`` (private swarms, swarm.access) signs and checks every DHT request and response."""
     check_port_free(host, port)
+    records.bound_dht_storage()  # before the DHT process forks
     deadline = time.monotonic() + join_timeout
     attempt = 0
     while True:
@@ -132,6 +138,7 @@ def start_dht(
                 identity_path=identity_path,
                 client_mode=client_mode,
                 record_validators=validators,
+                authorizer=authorizer,
                 start=True,
             )
         except Exception as error:  # p2pd reports unreachable bootstrap peers as a generic daemon error

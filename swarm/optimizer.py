@@ -16,32 +16,47 @@ import hivemind
 import torch
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
 
+from swarm.access import MemberGate, gated_averager
 from swarm.compression import build_compression, counting_averager
 from swarm.config import AveragingConfig, OptimizerConfig, TimeoutsConfig
 from swarm.rounds import PartialRoundWatch, Round, RoundLog
+from swarm.state import check_downloads, verified_state_averager
+from swarm.tracker import BoundedProgressTracker
 
 logger = logging.getLogger(__name__)
 
 
 class SwarmOptimizer(hivemind.Optimizer):
-    def __init__(self, *, round_log: RoundLog, partial_watch: PartialRoundWatch, **kwargs):
+    def __init__(self, *, round_log: RoundLog, partial_watch: PartialRoundWatch, gate: MemberGate | None = None,
+                 owner_subkey: bytes | None = None, **kwargs):
         self.round_log, self.partial_watch = round_log, partial_watch
+        self._gate = gate  # private swarms: averagers serve members only
+        self._owner_subkey = owner_subkey  # signs this peer's entry in the state-donor registry
         self._partial_seen = partial_watch.count
         self._recorded_epoch = -1
         self._joined = False
         super().__init__(**kwargs)
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
-        state_cls = counting_averager(TrainingStateAverager, "state")
-        return state_cls(
+        verified = verified_state_averager(TrainingStateAverager, owner_subkey=self._owner_subkey)
+        state_cls = gated_averager(counting_averager(verified, "state"), self._gate)
+        averager = state_cls(
             dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
             allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
             offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
             status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
             client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs,
         )
+        check_downloads(averager, dht=self.dht, run_id=self.run_id)
+        return averager
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> BoundedProgressTracker:
+        return BoundedProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
+                                      client_mode=self.client_mode, status_loglevel=self.status_loglevel, start=True,
+                                      **kwargs)
 
     def _record(self, outcome: str, group_size: int, reason: str = "", step: int | None = None) -> None:
         step = self.local_epoch if step is None else step
@@ -94,6 +109,7 @@ def build_optimizer(
     timeouts: TimeoutsConfig,
     round_log: RoundLog,
     partial_watch: PartialRoundWatch,
+    gate: MemberGate | None = None,
 ) -> SwarmOptimizer:
     def codec(name: str):
         return build_compression(name, size_threshold=averaging.size_threshold)
@@ -102,11 +118,14 @@ def build_optimizer(
     # hivemind passes averager_opts to the state averager only. allow_state_sharing=False: joiners need
     # parameters and optimizer state, not others' half-accumulated gradients, which hivemind would otherwise
     # download in fp32 and throw away.
-    grad_averager = partial(counting_averager(GradientAverager, "grad"), allow_state_sharing=False, **averager_opts)
+    grad_cls = gated_averager(counting_averager(GradientAverager, "grad"), gate)
+    grad_averager = partial(grad_cls, allow_state_sharing=False, **averager_opts)
 
     return SwarmOptimizer(
         round_log=round_log,
         partial_watch=partial_watch,
+        gate=gate,
+        owner_subkey=RSASignatureValidator(private_key).local_public_key,
         dht=dht,
         run_id=run_id,
         target_batch_size=averaging.target_batch_size,
@@ -144,16 +163,21 @@ def build_optimizer(
 
 def build_state_averager(params: Iterable[torch.nn.Parameter], *, dht: hivemind.DHT, run_id: str,
                          optim: OptimizerConfig, averaging: AveragingConfig, timeouts: TimeoutsConfig,
-                         share: bool, start: bool = True) -> TrainingStateAverager:
+                         share: bool, start: bool = True, gate: MemberGate | None = None,
+                         owner_subkey: bytes | None = None) -> TrainingStateAverager:
     """A stand-alone averager over the same state as the trainers' optimizers (same prefix, parameter order and
     optimizer), for peers that do not train: the monitor downloads state with it (``share=False``); a seed
-    resumed from a checkpoint serves its state with it (``share=True``)."""
-    return TrainingStateAverager(
+    resumed from a checkpoint serves its state with it (``share=True``). ``gate``: in a private swarm, serve
+    members only."""
+    verified = verified_state_averager(TrainingStateAverager, owner_subkey=owner_subkey)
+    averager = gated_averager(verified, gate)(
         dht=dht, prefix=f"{run_id}_state_averager", params=list(params), optimizer=optimizer_factory(optim),
         scheduler=scheduler_factory(optim), allow_state_sharing=share, client_mode=dht.client_mode,
         state_compression=build_compression(averaging.load_state_compression, size_threshold=averaging.size_threshold),
         request_timeout=timeouts.request, next_chunk_timeout=timeouts.next_chunk, start=start,
     )
+    check_downloads(averager, dht=dht, run_id=run_id)
+    return averager
 
 
 def optimizer_factory(optim: OptimizerConfig):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Callable
 
 import hivemind
 from hivemind.utils import get_dht_time
@@ -25,6 +26,9 @@ class ProgressPublisher:
         self.key = metrics_key(run_id)
         self.round_log, self.counters, self.ttl, self.period = round_log, counters, ttl, period
         self._last = 0.0
+        # () -> (global step, digest of the parameters at that step), for joiners to check downloads against
+        self.digest_source: Callable[[], tuple[int, list[float]]] | None = None
+        self.config_subkey = ""  # which signed config this trainer follows (joiners count these when in doubt)
 
     def maybe_publish(self, *, step: int, loss: float, samples_done: int, samples_per_second: float,
                       tokens_per_second: float, wait: bool = False) -> None:
@@ -49,8 +53,16 @@ class ProgressPublisher:
             bytes_received=int(sum(channel["received_bytes"] for channel in wire.values())),
             rounds_averaged=counts["averaged"], rounds_partial=counts["partial"],
             rounds_skipped=counts["skipped"], rounds_failed=counts["failed"],
-            device=self.device[:32], time=time.time(),
+            device=self.device[:32], time=time.time(), config=self.config_subkey, **self._digest(),
         )
+
+    def _digest(self) -> dict:
+        if self.digest_source is None:
+            return {}
+        step, values = self.digest_source()
+        if not all(math.isfinite(v) and abs(v) <= 1e6 for v in values):
+            return {}  # a diverged model publishes no digest; joiners then cannot cross-check it
+        return dict(digest_step=step, digest=values)
 
 
 def _finite(value: float) -> float:

@@ -9,6 +9,10 @@ Two kinds of records:
   alive after the seed leaves.
 * ``{run_id}_metrics``: one subkey per trainer (``[owner:<its public key>]``, so only that trainer can write
   it; hivemind's RSASignatureValidator checks), holding a schema-validated ``TrainerRecord`` for the monitor.
+
+In a private swarm (swarm.access) each member also publishes its access token under ``swarm_members``, subkey its
+peer id, so the averagers can tell members' peer ids from strangers'; ``access.MembershipValidator`` admits
+only tokens signed by the swarm's authority, each under its own holder's peer id.
 """
 
 from __future__ import annotations
@@ -23,10 +27,20 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from hivemind.utils.serializer import MSGPackSerializer
-from pydantic.v1 import BaseModel, StrictStr, confloat, conint, constr
+from pydantic.v1 import BaseModel, StrictStr, confloat, conint, conlist, constr
 
 CONFIG_KEY = "swarm_config"
+MEMBERS_KEY = "swarm_members"  # private swarms: {peer id: access token}
 MAX_CONFIG_BYTES = 64 * 1024
+# Bounds on what honest DHT nodes keep, so a peer cannot exhaust their memory: only the keys swarm peers use are
+# stored at all (KeyPolicyValidator), each record lives at most MAX_TTL (the config MAX_CONFIG_TTL), a key holds at
+# most MAX_SUBKEYS entries (a flood evicts the soonest-expiring ones) and a value at most MAX_VALUE_BYTES.
+MAX_TTL = 3600.0
+MAX_CONFIG_TTL = 30 * 86400.0
+MAX_SUBKEYS = 2048
+MAX_KEYS = 4096
+MAX_VALUE_BYTES = 2 * MAX_CONFIG_BYTES
+DIGEST_SIZE = 64  # values of a trainer's parameters published for joiners to check downloads against
 # Upper bounds of TrainerRecord's numbers (all are >= 0). NaN/inf fail them, so they never reach a dashboard;
 # the monitor re-checks the same bounds on what it serves.
 RECORD_LIMITS = dict(step=10**9, loss=1e4, samples_per_second=1e15, tokens_per_second=1e15, samples_done=10**15,
@@ -46,6 +60,15 @@ def metrics_key(run_id: str) -> str:
     return f"{run_id}_metrics"
 
 
+def run_keys(run_id: str) -> list[str]:
+    """Every DHT key a run uses: ours, and those hivemind's optimizer derives from the run id (progress records,
+    state-donor registries, matchmaking group keys)."""
+    averagers = [f"{run_id}_grad_averager", f"{run_id}_state_averager"]
+    # not hivemind's unsigned "{prefix}.all_averagers" donor registry: swarm.state keeps a signed one instead
+    return ([metrics_key(run_id), f"{run_id}_progress"] + [f"{prefix}_donors" for prefix in averagers]
+            + [f"{prefix}.0b" for prefix in averagers])
+
+
 class TrainerRecord(BaseModel):
     """What each trainer publishes about itself (refreshed every few seconds, expires after timeouts.record_ttl)."""
 
@@ -62,10 +85,26 @@ class TrainerRecord(BaseModel):
     rounds_failed: _count("rounds_failed")
     device: constr(strict=True, max_length=32)
     time: _amount("time")
+    # the trainer's parameters at a few fixed coordinates (swarm.state.state_digest) at global step digest_step:
+    # joiners check a downloaded state against them
+    digest: conlist(confloat(strict=True, ge=-1e6, le=1e6), max_items=DIGEST_SIZE) = []
+    digest_step: _count("step") = 0
+    config: constr(strict=True, max_length=64) = ""  # subkey (signer) of the swarm config this trainer follows
 
 
 class MetricsSchema(BaseModel):
     metrics: Dict[BytesWithPublicKey, Optional[TrainerRecord]]
+
+
+class DonorRecord(BaseModel):
+    """A peer offering its state for download (swarm.state): its peer id, which must be its signing key's."""
+
+    peer_id: bytes
+    priority: confloat(strict=True, ge=-1.0, le=RECORD_LIMITS["step"])
+
+
+class DonorsSchema(BaseModel):
+    donors: Dict[BytesWithPublicKey, Optional[DonorRecord]]
 
 
 class ConfigRecord(BaseModel):
@@ -135,9 +174,34 @@ class ConfigRecordValidator(RecordValidatorBase):
         return isinstance(other, ConfigRecordValidator)
 
 
+class KeyPolicyValidator(RecordValidatorBase):
+    """Refuses records under keys no swarm peer uses, records that would outlive MAX_TTL (MAX_CONFIG_TTL for the
+    config), and values over MAX_VALUE_BYTES. Policies for several runs merge into one."""
+
+    def __init__(self, keys: list[str]):
+        self._ttl = {DHTID.generate(source=key).to_bytes(): MAX_TTL for key in keys}
+        self._ttl[ConfigRecordValidator._key_id] = MAX_CONFIG_TTL
+
+    def validate(self, record: DHTRecord) -> bool:
+        ttl = self._ttl.get(record.key)
+        return (ttl is not None and len(record.value) <= MAX_VALUE_BYTES
+                and record.expiration_time <= time.time() + ttl + 60.0)  # + clock skew between peers
+
+    @property
+    def priority(self) -> int:
+        return 20  # first: the cheapest check
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        if not isinstance(other, KeyPolicyValidator):
+            return False
+        self._ttl.update(other._ttl)
+        return True
+
+
 def base_validators(private_key: RSAPrivateKey) -> list[RecordValidatorBase]:
     """Validators every peer installs before it joins (the run id is not known yet)."""
     return [
+        KeyPolicyValidator([CONFIG_KEY, MEMBERS_KEY]),
         RSASignatureValidator(private_key),
         SchemaValidator(ConfigSchema, allow_extra_keys=True),
         ConfigRecordValidator(),
@@ -146,4 +210,29 @@ def base_validators(private_key: RSAPrivateKey) -> list[RecordValidatorBase]:
 
 def run_validators(run_id: str) -> list[RecordValidatorBase]:
     """Validators added once the run id is known."""
-    return [SchemaValidator(MetricsSchema, prefix=run_id, allow_extra_keys=True)]
+    return [KeyPolicyValidator(run_keys(run_id)), SchemaValidator(MetricsSchema, prefix=run_id, allow_extra_keys=True),
+            SchemaValidator(DonorsSchema, prefix=f"{run_id}_state_averager", allow_extra_keys=True)]
+
+
+def bound_dht_storage() -> None:
+    """Cap every DHT node this process starts from now on (its storage and cache, MAX_KEYS keys, and each key's
+    dictionary, MAX_SUBKEYS entries): hivemind's are unbounded. Idempotent; call before the DHT process forks."""
+    from hivemind.dht import protocol, storage
+
+    if getattr(storage.DictionaryDHTValue, "_swarm_bounded", False):
+        return
+
+    class BoundedDictionary(storage.DictionaryDHTValue):
+        _swarm_bounded = True
+
+        def __init__(self, maxsize=None):
+            super().__init__(maxsize=min(maxsize or MAX_SUBKEYS, MAX_SUBKEYS))
+
+    class BoundedStorage(storage.DHTLocalStorage):
+        def __init__(self, maxsize=None):
+            super().__init__(maxsize=min(maxsize or MAX_KEYS, MAX_KEYS))
+
+    code = MSGPackSerializer._ext_types[storage.DictionaryDHTValue]  # serialized as the class it extends
+    MSGPackSerializer._ext_types[BoundedDictionary] = code
+    storage.DictionaryDHTValue = BoundedDictionary
+    protocol.DHTLocalStorage = BoundedStorage

@@ -33,6 +33,7 @@ class TrainResult:
     final_step: int
     losses: dict[int, float] = field(default_factory=dict)  # global step -> mean local loss over that step
     stopped_early: bool = False
+    lr: float = 0.0  # the learning rate in force at the end (it follows the global step)
 
 
 class Trainer:
@@ -106,6 +107,7 @@ class Trainer:
         result.stopped_early = stop.is_set()
         self._settle()
         result.final_step = self.opt.local_epoch
+        result.lr = float(self.opt.opt.param_groups[0]["lr"])
         return result
 
     def _settle(self) -> None:

@@ -1,0 +1,321 @@
+"""Verified state downloads: a joiner checks the state a donor serves, refuses it if bad, and tries another donor.
+
+hivemind 1.1.12 downloads the state (parameters, optimizer statistics, epoch) from the donor with the highest
+priority in an unsigned registry, and loads whatever arrives. Here:
+
+- ``verified_state_averager(cls)`` gives a hivemind ``TrainingStateAverager`` (sub)class whose downloads go donor by
+  donor: the averager's process fetches one donor's state (skipping donors already refused), and the caller's
+  process checks it before it is loaded. Donors offer their state in a signed registry (``{prefix}_donors``: one
+  entry per owner key, naming the peer id of that key), so nobody can list, promote or hide another peer.
+- ``StateCheck`` is that check: the right number of tensors with the shapes and dtypes of our own, all finite, Adam's
+  second moments non-negative, an epoch no further ahead than the swarm's progress records support, and parameters
+  that agree with the digests the other trainers publish in their signed progress records (``state_digest``: the
+  values at a few fixed coordinates, compared to the median over the trainers at the same step).
+
+The digest stops corrupt, non-finite, stale and foreign states (another model, another run, a random init). It does
+not stop a donor that crafts a state matching the published coordinates and differing elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from typing import Any, Callable, Sequence
+
+import hivemind
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.p2p import PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils import MPFuture, ValueWithExpiration, get_dht_time
+from hivemind.utils.streaming import combine_from_streaming
+from hivemind.utils.asyncio import aiter_with_timeout
+
+from swarm.access import peer_id_of
+from swarm.records import DIGEST_SIZE
+
+logger = logging.getLogger(__name__)
+
+# Relative distance of a downloaded state's digest to the median of the trainers' digests within DIGEST_STEPS steps
+# of the state's: honest states differ by a few percent per step (Adam moves each weight by about the learning
+# rate); another model, another run or a random init by about 1.4 (two independent draws).
+DIGEST_TOLERANCE = 0.5
+DIGEST_STEPS = 2
+INITIAL_TOLERANCE = 1e-4  # a state at step 0 must be the config's own initial model
+MAX_DONORS_TRIED = 8
+
+Check = Callable[[dict, Sequence[torch.Tensor]], "str | None"]
+
+
+class _VerifiedDownload(DecentralizedAverager):
+    """Mixin placed between TrainingStateAverager and DecentralizedAverager in the MRO (see verified_state_averager)."""
+
+    state_check: Check | None = None  # set by the owner in the parent process
+    owner_subkey: bytes | None = None  # "[owner:<public key>]" of this peer's DHT key: signs its donor entry
+
+    async def _declare_for_download_periodically(self):
+        """Offer our state in a signed registry ({prefix}_donors, one entry per owner key, naming the owner's peer
+        id), instead of hivemind's unsigned one, where anyone could list or hide any peer."""
+        key, offered = f"{self._matchmaking.group_key_manager.prefix}_donors", self.allow_state_sharing
+        while True:
+            expiration = get_dht_time() + self.declare_state_period
+            if (self.allow_state_sharing or offered) and self.owner_subkey is not None:
+                value = dict(peer_id=self.peer_id.to_bytes(), priority=float(self.state_sharing_priority))
+                asyncio.create_task(asyncio.wait_for(self.dht.store(
+                    key, subkey=self.owner_subkey, value=value if self.allow_state_sharing else None,
+                    expiration_time=expiration, return_future=True), timeout=self.declare_state_period))
+                offered = self.allow_state_sharing
+            self._state_updated.clear()
+            try:
+                await asyncio.wait_for(self._state_updated.wait(), timeout=max(0.0, expiration - get_dht_time()))
+            except asyncio.TimeoutError:
+                pass
+
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None):
+        if not wait:
+            raise ValueError("verified state downloads are synchronous")
+        refused: list[bytes] = []
+        for _ in range(MAX_DONORS_TRIED):
+            future = MPFuture()
+            self._outer_pipe.send(("_download_state_from", [], dict(future=future, timeout=timeout,
+                                                                     refused=list(refused))))
+            result = future.result()
+            if result is None:
+                return None
+            donor, metadata, tensors = result
+            problem = self.state_check(metadata, tensors) if self.state_check is not None else None
+            if problem is None:
+                return metadata, tensors
+            logger.warning("Refusing the state served by peer %s: %s; trying another peer",
+                           PeerID(donor).to_base58(), problem)
+            refused.append(donor)
+        logger.warning("Refused the state of %d donors in a row; keeping this peer's own state", len(refused))
+        return None
+
+    async def _download_state_from(self, future: MPFuture, timeout: float | None, refused: list[bytes]):
+        """Runs in the averager's process: the first donor (by priority, then at random) that serves a state."""
+        try:
+            for peer in await self._donors(refused):
+                try:
+                    metadata, tensors = await self._download_from(peer, timeout)
+                except Exception as error:
+                    logger.warning("Could not download the state from %s: %s", peer, repr(error)[:200])
+                    continue
+                if metadata is not None:
+                    future.set_result((peer.to_bytes(), metadata, tensors))
+                    return
+        finally:
+            if not future.done():
+                future.set_result(None)
+
+    async def _donors(self, refused: list[bytes]) -> list[PeerID]:
+        key = f"{self._matchmaking.group_key_manager.prefix}_donors"
+        found = await self.dht.get(key, latest=True, return_future=True)
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        ranked = []
+        for subkey, item in entries.items():
+            donor = _donor(subkey, item.value if isinstance(item, ValueWithExpiration) else None)
+            if donor is None or donor[1].to_bytes() in refused or donor[1] == self.peer_id:
+                continue
+            ranked.append((donor[0], random.random(), donor[1]))
+        ranked.sort(key=lambda entry: entry[:2], reverse=True)
+        return [peer for _, _, peer in ranked[:MAX_DONORS_TRIED]]
+
+    async def _download_from(self, peer: PeerID, timeout: float | None) -> tuple[Any, list[torch.Tensor]]:
+        logger.info("Downloading the state from peer %s", peer)
+        chunk_timeout = self.next_chunk_timeout or self.request_timeout  # per chunk, as hivemind intends
+        stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+        stream = await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()), chunk_timeout)
+        metadata, parts, tensors = None, [], []
+        async for message in aiter_with_timeout(stream, timeout=chunk_timeout):
+            if message.metadata:
+                metadata = self.serializer.loads(message.metadata)
+            if message.tensor_part.dtype and parts:  # a dtype marks the start of the next tensor
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                parts = []
+            parts.append(message.tensor_part)
+        if parts:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        return metadata, tensors
+
+
+def _donor(subkey: object, value: object) -> tuple[float, PeerID] | None:
+    """(priority, peer id) of a donor entry whose peer id belongs to the key that signed it; else None."""
+    prefix = b"[owner:"
+    if not (isinstance(subkey, bytes) and subkey.startswith(prefix) and subkey.endswith(b"]")):
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("peer_id"), bytes):
+        return None
+    priority = value.get("priority")
+    if isinstance(priority, bool) or not isinstance(priority, (int, float)) or not math.isfinite(priority):
+        return None
+    try:
+        owner = peer_id_of(subkey[len(prefix):-1])
+    except Exception:
+        return None
+    return (float(priority), owner) if owner.to_bytes() == value["peer_id"] else None
+
+
+def verified_state_averager(cls: type, *, owner_subkey: bytes | None = None) -> type:
+    """``cls`` (a TrainingStateAverager or subclass) with verified downloads and a signed donor entry (under
+    ``owner_subkey``, the ``[owner:...]`` subkey of this peer's DHT key; None: never offer state). Keeps
+    ``cls.__name__`` because hivemind names its RPC handlers after the class."""
+    verified = type(cls.__name__, (cls, _VerifiedDownload), {"__module__": __name__, "owner_subkey": owner_subkey})
+    verified.__qualname__ = f"verified_state_averager.<{cls.__name__}>"
+    return verified
+
+
+def digest_coordinates(sizes: Sequence[int], count: int = DIGEST_SIZE) -> list[tuple[int, int]]:
+    """``count`` fixed (tensor index, flat index) pairs, uniform over all values, the same on every peer."""
+    total = sum(sizes)
+    generator = random.Random(f"swarm-digest-{total}")
+    offsets, start = [], 0
+    for size in sizes:
+        offsets.append(start)
+        start += size
+    picks = sorted(generator.randrange(total) for _ in range(min(count, total)))
+    coordinates, tensor = [], 0
+    for flat in picks:
+        while tensor + 1 < len(sizes) and flat >= offsets[tensor + 1]:
+            tensor += 1
+        coordinates.append((tensor, flat - offsets[tensor]))
+    return coordinates
+
+
+def state_digest(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """The values of ``tensors`` at the digest coordinates (see digest_coordinates)."""
+    with torch.no_grad():
+        flat = [t.detach().reshape(-1) for t in tensors]
+        coordinates = digest_coordinates([t.numel() for t in flat])
+        picked = [flat[i][j].float() for i, j in coordinates]
+        return torch.stack(picked).cpu().tolist() if picked else []  # one device sync
+
+
+class StateCheck:
+    """Checks a downloaded (metadata, tensors) against our own state's layout and the swarm's published digests.
+
+    ``local_tensors``: our parameters (+ extras) then our optimizer's flat tensors, in the order hivemind sends them;
+    ``swarm_view``: (the highest step the trainers' records support or None, {step: trainers' digests}).
+    """
+
+    def __init__(self, *, num_parameters: int, local_tensors: Callable[[], list[torch.Tensor]],
+                 second_moments: Callable[[], set[int]], initial_digest: list[float],
+                 swarm_view: Callable[[], tuple[int | None, dict[int, list[list[float]]]]]):
+        self.num_parameters, self.local_tensors, self.second_moments = num_parameters, local_tensors, second_moments
+        self.initial_digest, self.swarm_view = initial_digest, swarm_view
+
+    def __call__(self, metadata: Any, tensors: Sequence[torch.Tensor]) -> str | None:
+        if not isinstance(metadata, dict) or isinstance(metadata.get("epoch"), bool) \
+                or not isinstance(metadata.get("epoch"), int) or metadata["epoch"] < 0:
+            return "its metadata has no valid step"
+        epoch, (bound, digests) = metadata["epoch"], self.swarm_view()
+        if bound is not None and epoch > bound:
+            return f"it claims step {epoch}, but the swarm's progress records support at most {bound}"
+        problem = self._layout(tensors)
+        if problem is None:
+            problem = self._agreement(digests, epoch, tensors[: self.num_parameters])
+        return problem
+
+    def _layout(self, tensors: Sequence[torch.Tensor]) -> str | None:
+        expected = self.local_tensors()
+        if len(tensors) != len(expected):
+            return f"it has {len(tensors)} tensors, this swarm's state has {len(expected)}"
+        second_moments = self.second_moments()
+        for index, (got, want) in enumerate(zip(tensors, expected)):
+            if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+                return f"tensor {index} has shape {tuple(getattr(got, 'shape', ()))}, expected {tuple(want.shape)}"
+            if got.dtype.is_floating_point != want.dtype.is_floating_point:
+                return f"tensor {index} has dtype {got.dtype}, expected {want.dtype}"
+            if got.dtype.is_floating_point and not torch.isfinite(got).all():
+                return f"tensor {index} has non-finite values"
+            if index - self.num_parameters in second_moments and bool((got < 0).any()):
+                return f"tensor {index} (Adam's second moment) has negative values"
+        return None
+
+    def _agreement(self, digests: dict[int, list[list[float]]], epoch: int,
+                   parameters: Sequence[torch.Tensor]) -> str | None:
+        ours = torch.tensor(state_digest(parameters))
+        if epoch == 0:  # nobody has stepped yet: it must be the model the config builds
+            distance = _distance(ours, torch.tensor(self.initial_digest))
+            if not distance <= INITIAL_TOLERANCE:
+                return f"it claims step 0, but its parameters are not the config's initial model (distance {distance:.3g})"
+            return None
+        near = [d for step, ds in digests.items() if abs(step - epoch) <= DIGEST_STEPS for d in ds]
+        published = sum(len(ds) for ds in digests.values())
+        if len(near) < 2:
+            if published >= 2:
+                return f"it claims step {epoch}, but none of the {published} trainers' records is near that step"
+            logger.info("Could not cross-check the downloaded state: %d trainers publish a digest", published)
+            return None
+        distance = _distance(ours, torch.tensor(near).median(dim=0).values)
+        logger.info("Downloaded state at step %d vs %d trainers' digests: relative distance %.4f",
+                    epoch, len(near), distance)
+        if not distance <= DIGEST_TOLERANCE:
+            return (f"its parameters differ from what {len(near)} trainers publish near step {epoch} "
+                    f"(relative distance {distance:.3g}, allowed {DIGEST_TOLERANCE})")
+        return None
+
+
+def _distance(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    if ours.shape != reference.shape:
+        return math.inf
+    return float((ours - reference).norm() / reference.norm().clamp_min(1e-12))
+
+
+def second_moment_indices(optimizer: torch.optim.Optimizer) -> set[int]:
+    """Positions of Adam's ``exp_avg_sq`` tensors among the optimizer's flat tensors (hivemind's flattening order)."""
+    indices, position = set(), 0
+    for path, leaf in _flatten_with_paths(optimizer.state_dict()):
+        if isinstance(leaf, torch.Tensor):
+            if path and path[-1] in ("exp_avg_sq", "max_exp_avg_sq"):
+                indices.add(position)
+            position += 1
+    return indices
+
+
+def _flatten_with_paths(node: Any, path: tuple = ()):
+    """hivemind.utils.nested.nested_flatten's order (dicts by sorted key), with each leaf's path."""
+    if isinstance(node, (list, tuple)):
+        for item in node:
+            yield from _flatten_with_paths(item, path)
+    elif isinstance(node, dict):
+        for key, value in sorted(node.items()):
+            yield from _flatten_with_paths(value, path + (key,))
+    else:
+        yield path, node
+
+
+def records_bounds(dht: hivemind.DHT, run_id: str) -> tuple[int | None, dict[int, list[list[float]]]]:
+    """From the trainers' signed progress records: the highest step claimed by at least two trainers + 1 (None when
+    fewer than two publish), and the digests they publish by step."""
+    from swarm.progress import read_trainer_records
+
+    records = list(read_trainer_records(dht, run_id).values())
+    steps = sorted((record.step for record in records), reverse=True)
+    bound = steps[1] + 1 if len(steps) >= 2 else None
+    digests: dict[int, list[list[float]]] = {}
+    for record in records:
+        if record.digest:
+            digests.setdefault(record.digest_step, []).append(list(record.digest))
+    return bound, digests
+
+
+def check_downloads(averager, *, dht: hivemind.DHT, run_id: str) -> None:
+    """Make ``averager`` (built from verified_state_averager) check every state it downloads; call in its owner's
+    process once it is built."""
+    from hivemind.optim.state_averager import dump_optimizer_state
+
+    def parameters() -> list[torch.Tensor]:
+        groups = averager.optimizer.param_groups
+        return [p for group in groups for p in group["params"]] + list(averager.extra_tensors)
+
+    num_parameters = len(parameters())
+    averager.state_check = StateCheck(
+        num_parameters=num_parameters, initial_digest=state_digest(parameters()),
+        local_tensors=lambda: parameters() + list(dump_optimizer_state(averager.optimizer)[1]),
+        second_moments=lambda: second_moment_indices(averager.optimizer),
+        swarm_view=lambda: records_bounds(dht, run_id),
+    )

@@ -1,0 +1,105 @@
+"""A progress tracker that does not believe every peer: hivemind's ProgressTracker with claims bounded.
+
+hivemind's ``ProgressTracker`` takes the largest epoch any peer claims as the swarm's global step, and sums every
+peer's claimed samples and throughput into the estimate of when the step ends. A single signed record claiming
+epoch 10**12 made honest peers download state and jump their epoch (and learning-rate schedule); a claim of huge
+samples or throughput made them step at once. ``BoundedProgressTracker`` reads the same records but:
+
+- an epoch more than one step ahead of this peer is believed only when at least two peers claim it. (A peer that
+  fell behind in a swarm of two therefore does not catch up through the tracker; joiners always catch up through
+  their state download, whose step swarm.state bounds the same way.)
+- each peer's throughput counts at most ``RATE_FACTOR`` times the median throughput of the swarm;
+- each peer's accumulated samples count at most the target batch, and at most what its bounded throughput could
+  have produced since this step began (plus the refresh slack).
+
+Claims that are cut are logged once per peer at WARNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+
+from hivemind.optim.progress_tracker import GlobalTrainingProgress, LocalTrainingProgress, ProgressTracker
+from hivemind.utils import get_dht_time
+
+logger = logging.getLogger(__name__)
+
+RATE_FACTOR = 4.0  # a peer may be this many times faster than the median before its throughput claim is cut
+QUORUM_AHEAD = 2  # peers that must claim an epoch more than one step ahead of ours before we believe it
+
+
+class BoundedProgressTracker(ProgressTracker):
+    def __init__(self, *args, **kwargs):
+        self._epoch_began = get_dht_time()
+        self._epoch_of_begin = 0
+        self._warned: set[tuple[bytes, str]] = set()
+        super().__init__(*args, **kwargs)
+
+    def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
+        if local_epoch != self._epoch_of_begin:
+            self._epoch_of_begin, self._epoch_began = local_epoch, get_dht_time()
+        super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
+
+    def _parse_swarm_progress_data(self, metadata) -> GlobalTrainingProgress:
+        if isinstance(metadata, dict) and metadata and hasattr(self, "local_progress"):
+            metadata = self._bounded(metadata)
+        return super()._parse_swarm_progress_data(metadata)
+
+    def _bounded(self, metadata: dict) -> dict:
+        entries = {}
+        for subkey, item in metadata.items():
+            try:
+                entries[subkey] = (item, LocalTrainingProgress.parse_obj(item.value))
+            except Exception:  # the schema validator already refuses these; never let one break the tracker
+                continue
+        if not entries:
+            return {}
+        believed = self._believed_epoch([peer for _, peer in entries.values()])
+        rates = [peer.samples_per_second for _, peer in entries.values()] + [self.performance_ema.samples_per_second]
+        max_rate = RATE_FACTOR * max(statistics.median(rates), self.performance_ema.samples_per_second, 1e-3)
+        elapsed = max(0.0, get_dht_time() - self._epoch_began) + self.max_refresh_period + 1.0
+        bounded = {}
+        for subkey, (item, peer) in entries.items():
+            changes = {}
+            if peer.epoch > believed:
+                changes["epoch"] = self.local_progress.epoch  # its samples then count toward no step ahead of us
+            if peer.samples_per_second > max_rate:
+                changes["samples_per_second"] = max_rate
+            max_samples = min(self.target_batch_size, int(max_rate * elapsed))
+            if peer.samples_accumulated > max_samples:
+                changes["samples_accumulated"] = max_samples
+            if peer.time > get_dht_time() + 5.0:
+                changes["time"] = get_dht_time()
+            if changes:
+                self._warn_once(peer.peer_id, peer, changes)
+                item = type(item)(peer.copy(update=changes).dict(), item.expiration_time)
+            bounded[subkey] = item
+        return bounded
+
+    def _believed_epoch(self, peers: list[LocalTrainingProgress]) -> int:
+        """The largest epoch we believe: ours + 1 from anyone (the first peer to finish a step is one ahead for a
+        moment); beyond that, only an epoch that QUORUM_AHEAD peers claim (at least)."""
+        own = self.local_progress.epoch
+        claims = sorted((p.epoch for p in peers if not p.client_mode and p.peer_id != self.dht.peer_id.to_bytes()),
+                        reverse=True)
+        supported = claims[QUORUM_AHEAD - 1] if len(claims) >= QUORUM_AHEAD else own
+        return max(own + 1, supported)
+
+    def _warn_once(self, peer_id: bytes, peer: LocalTrainingProgress, changes: dict) -> None:
+        """One WARNING per peer and claim (bounded memory: at most 10,000 entries)."""
+        new = [name for name in changes if (peer_id, name) not in self._warned]
+        if not new or len(self._warned) > 10_000:
+            return
+        self._warned.update((peer_id, name) for name in new)
+        logger.warning("Ignoring implausible progress claims of peer %s: %s (bounded to %s)", _short_id(peer_id),
+                       {name: getattr(peer, name) for name in new}, {name: changes[name] for name in new})
+
+
+def _short_id(peer_id: bytes) -> str:
+    try:
+        from hivemind.p2p import PeerID
+
+        return PeerID(peer_id).to_base58()[-8:]
+    except Exception:
+        return peer_id.hex()[:16]
