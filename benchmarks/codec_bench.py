@@ -4,8 +4,8 @@
     .venv/bin/python -m benchmarks.codec_bench --toy            # 1M values, one repetition
 
 Owns the figure behind the goal "codec time <= 5% of a round at 50 Mbit/s". Tensors go through the codecs the
-way hivemind's all-reduce sends them: in parts of ``--part-size-bytes`` (fp32 bytes), each compressed and
-extracted on its own, through ``swarm.compression.build_compression`` (the codecs the swarm uses). Throughput is
+way hivemind's all-reduce sends them: in parts of about ``--part-size-bytes`` once compressed (hivemind sizes parts
+by the codec's estimated ratio), each compressed and extracted on its own, through ``swarm.compression.build_compression`` (the codecs the swarm uses). Throughput is
 fp32 input bytes per second (MB = 1e6 bytes), the best of ``--repeats`` runs, on one thread (``torch`` may use
 more: ``--threads``). Plain memory-copy bandwidth (``dst.copy_(src)`` of the same tensor) is measured in the same
 run, so figures from a loaded machine can be read as ratios.
@@ -48,13 +48,15 @@ def memcpy_mb_s(tensor: torch.Tensor, repeats: int) -> float:
     return tensor.numel() * 4 / best_seconds(lambda: target.copy_(tensor), repeats) / 1e6
 
 
-def measure_codec(name: str, tensor: torch.Tensor, part_values: int, repeats: int) -> dict:
+def measure_codec(name: str, tensor: torch.Tensor, part_size_bytes: int, repeats: int) -> dict:
     from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 
     from swarm.compression import build_compression
 
     codec = build_compression(name, size_threshold=2**16)
-    parts = list(tensor.split(part_values))
+    # as hivemind's partition.py: parts of part_size_bytes *after* compression, by the codec's own estimate
+    ratio = codec.estimate_compression_ratio(CompressionInfo.from_tensor(tensor))
+    parts = list(tensor.split(max(1, int(part_size_bytes / (4 * ratio)))))
     infos = [CompressionInfo.from_tensor(part) for part in parts]
     serialized: list = []
     deserialize_torch_tensor(codec.compress(parts[0], infos[0]))  # warm up: bitsandbytes loads on first use
@@ -86,7 +88,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--values", type=parse_count, action="append", help="tensor size, e.g. 10M (repeatable)")
     parser.add_argument("--codec", action="append", choices=CODECS, help="codec (repeatable; default: all four)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement, best kept (default 3)")
-    parser.add_argument("--part-size-bytes", type=parse_count, default=2**19, help="fp32 bytes per part (default 524288)")
+    parser.add_argument("--part-size-bytes", type=parse_count, default=2**19,
+                        help="compressed bytes per part, as hivemind's part_size_bytes (default 524288)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the averager's share of 2 cores)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--toy", action="store_true", help="smoke-test size: 1M values, one repetition")
@@ -110,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         memcpy = memcpy_mb_s(tensor, args.repeats)
         logger.info("%d values: memcpy %.0f MB/s", values, memcpy)
         for name in args.codec:
-            row = measure_codec(name, tensor, max(1, args.part_size_bytes // 4), args.repeats)
+            row = measure_codec(name, tensor, args.part_size_bytes, args.repeats)
             row.update(memcpy_mb_s=round(memcpy, 1), threads=args.threads, part_size_bytes=args.part_size_bytes)
             rows.append(row)
             logger.info("%s", row)

@@ -29,11 +29,11 @@ def load_rows(paths: Sequence[str]) -> list[dict]:
 
 
 def last_rounds(rows: list[dict]) -> dict[tuple[int, str], list[dict]]:
-    """Per (values, codec): the last round measured at each rate, ordered by rate."""
+    """Per (values, codec): the last round measured at each rate (a later file wins a tie), ordered by rate."""
     best: dict[tuple[int, str, float], dict] = {}
     for row in rows:
         key = (row["values"], row["codec"], row["rate_mbit"])
-        if key not in best or row["round"] > best[key]["round"]:
+        if key not in best or row["round"] >= best[key]["round"]:  # later files supersede earlier ones
             best[key] = row
     series: dict[tuple[int, str], list[dict]] = {}
     for (values, codec, _), row in sorted(best.items()):

@@ -64,6 +64,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--keep-logs", help="copy the peers' logs and reports into this directory")
     parser.add_argument("--toy", action="store_true", help="smoke-test size: 2 trainers, 2 steps, blockwise8")
+    parser.add_argument("--from-logs", metavar="DIR", help="recompute the rows of --json from a --keep-logs DIR "
+                        "(curves, utilization, rounds; the eval loss is kept) and exit")
     args = parser.parse_args(argv)
     if args.toy:
         args.peers, args.steps, args.variant = 2, 2, args.variant or ["blockwise8"]
@@ -136,7 +138,8 @@ def utilization(records: list[list[float]]) -> float:
 
 
 def loss_curve(workdir: Path, peers: int) -> list[tuple[float, float]]:
-    """(seconds since the first optimizer step of any trainer, mean loss of the trainers) per global step."""
+    """(seconds since the first optimizer step of any trainer, mean loss of the trainers) per global step; the time
+    is when the first trainer finished that step (a trainer that fell behind finishes it late, or never)."""
     timings = [json.loads((workdir / f"timing-{i}.json").read_text()) for i in range(1, peers + 1)]
     reports = [json.loads((workdir / f"report-{i}.json").read_text()) for i in range(1, peers + 1)]
     start = min(t[0][0] for t in timings if t)
@@ -149,7 +152,7 @@ def loss_curve(workdir: Path, peers: int) -> list[tuple[float, float]]:
     for step in sorted(ends):
         losses = [r["losses"][str(step)] for r in reports if str(step) in r["losses"]]
         if losses:
-            curve.append((round(max(ends[step]), 2), round(mean(losses), 4)))
+            curve.append((round(min(ends[step]), 2), round(mean(losses), 4)))
     return curve
 
 
@@ -173,16 +176,18 @@ def summarize(name: str, args: argparse.Namespace, workdir: Path, tx: list[int],
     curve = loss_curve(workdir, args.peers)
     reached = [t for t, loss in curve if loss <= args.target_loss]
     outcomes = [r["outcome"] for r in reports[0]["rounds"]]
+    every = [r["outcome"] for report in reports for r in report["rounds"]]
     utils = [utilization(t) for t in timings]
     return dict(
         variant=name, peers=args.peers, rate_mbit=args.rate_mbit, steps=args.steps, overrides=args.set,
         steps_reached=min(r["final_step"] for r in reports), run_wall_s=round(wall_s, 1),
         train_s=curve[-1][0] if curve else math.nan, target_loss=args.target_loss,
         time_to_target_s=reached[0] if reached else None, final_train_loss=curve[-1][1] if curve else math.nan,
-        eval_loss=round(evaluate_saved(workdir / "model", args), 4),
+        eval_loss=round(evaluate_saved(workdir / "model", args), 4) if (workdir / "model").is_dir() else None,
         utilization_mean=round(mean(utils), 3), utilization_min=round(min(utils), 3),
         rounds_averaged=outcomes.count("averaged"), rounds_total=len(outcomes),
         round_outcomes={o: outcomes.count(o) for o in sorted(set(outcomes))},
+        round_outcomes_all_trainers={o: every.count(o) for o in sorted(set(every))},
         tx_bytes_per_trainer=int(mean(tx)), grad_codec_bytes_per_value=_grad_bpv(reports), curve=curve)
 
 
@@ -259,6 +264,24 @@ def run_baseline(args: argparse.Namespace) -> dict:
                 eval_loss=round(evaluate(model, batches_eval, step=args.steps).loss, 4), curve=curve)
 
 
+def resummarize(args: argparse.Namespace) -> int:
+    if not args.json or not Path(args.json).is_file():
+        print("error: --from-logs needs --json PATH of an earlier run", file=sys.stderr)
+        return 2
+    rows = json.loads(Path(args.json).read_text())
+    for k, row in enumerate(rows):
+        logs = Path(args.from_logs) / row["variant"]
+        if "error" in row or not logs.is_dir():
+            continue
+        args.peers, args.steps, args.rate_mbit, args.set = row["peers"], row["steps"], row["rate_mbit"], row["overrides"]
+        args.target_loss = row["target_loss"]
+        fresh = summarize(row["variant"], args, logs, [row["tx_bytes_per_trainer"]], row["run_wall_s"])
+        rows[k] = {**row, **fresh, "eval_loss": row["eval_loss"]}
+    Path(args.json).write_text(json.dumps(rows, indent=1))
+    print_table([r for r in rows if "error" not in r])
+    return 0
+
+
 def print_table(rows: list[dict]) -> None:
     head = ("variant", "steps", "train s", f"t(loss<=)", "train loss", "eval loss", "util", "util min", "averaged", "tx MB")
     print(" ".join(f"{h:>12}" for h in head))
@@ -273,6 +296,8 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.from_logs:
+        return resummarize(args)
     try:
         if args.variant:
             require_root()

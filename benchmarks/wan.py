@@ -17,6 +17,7 @@ runs of live processes are left alone). Needs root; without it ``require_root`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -26,9 +27,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +149,12 @@ class Wan:
                         "burst", str(burst), "limit", str(limit)], check=True, capture_output=True, text=True)
 
     def down(self) -> None:
-        """Stop the processes started in the namespaces, then remove every namespace and link of this run."""
+        """Stop the processes started in the namespaces, then remove every namespace and link of this run.
+        A second Ctrl-C or SIGTERM meanwhile is ignored: an interrupted cleanup would leave namespaces behind."""
+        with _signals_ignored():
+            self._down()
+
+    def _down(self) -> None:
         self.stop_all()
         for i in range(self.peers):  # deleting the host end removes both ends at once (a namespace's go lazily)
             _ip("link", "delete", f"{LINK_PREFIX}{self.tag}h{i}", check=False)
@@ -195,6 +202,19 @@ class Wan:
             if sig == signal.SIGTERM and all(_group_gone(p.pid) for p in self.procs):
                 break
         self.procs = [p for p in self.procs if p.poll() is None]
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _group_gone(pgid: int) -> bool:

@@ -22,6 +22,7 @@ import transformers
 
 from monitor.collector import CheckpointStatus
 from swarm.checkpoint import EVAL_FILE, CheckpointError, CheckpointStore, now_state, write_checkpoint
+from swarm import guard
 from swarm.config import SwarmConfig
 from swarm.data import eval_batches
 from swarm.evaluation import Evaluation, evaluate
@@ -48,6 +49,8 @@ class StatePuller:
         self.num_params = count_parameters(self.model)
         self.eval_batches = (eval_batches(config.data, self.tokenizer, batch_size=EVAL_BATCH_SIZE,
                                           max_batches=eval_batch_count) if eval_batch_count > 0 else [])
+        # it only downloads, but any averager of ours checks what it would receive (swarm.guard), installed pre-fork
+        guard.install(guard.GuardCounters(), max_weight=guard.max_weight(config.averaging.target_batch_size))
         self.averager = build_state_averager(self.model.parameters(), dht=dht, run_id=config.run_id,
                                              optim=config.optimizer, averaging=config.averaging,
                                              timeouts=config.timeouts, share=False)

@@ -42,7 +42,8 @@ from swarm.records import RECORD_LIMITS, TrainerRecord
 logger = logging.getLogger(__name__)
 
 _TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
-_COUNTED = tuple(f"rounds_{outcome}" for outcome in m.ROUND_OUTCOMES) + ("bytes_sent", "bytes_received")
+_COUNTED = (tuple(f"rounds_{outcome}" for outcome in m.ROUND_OUTCOMES) + ("bytes_sent", "bytes_received")
+            + tuple(f"rejected_{reason}" for reason in m.REJECT_REASONS))
 
 
 def usable(record: object) -> bool:
@@ -197,6 +198,10 @@ class SwarmCollector(Collector):
         for outcome in m.ROUND_OUTCOMES:
             rounds.add_metric([outcome], snapshot.totals[f"rounds_{outcome}"])
         yield rounds
+        rejected = m.REJECTED_CONTRIBUTIONS.family()
+        for reason in m.REJECT_REASONS:  # every reason, 0 included, so the series exist from the start
+            rejected.add_metric([reason], snapshot.totals[f"rejected_{reason}"])
+        yield rejected
         yield _single(m.AVERAGING_SENT, snapshot.totals["bytes_sent"])
         yield _single(m.AVERAGING_RECEIVED, snapshot.totals["bytes_received"])
         yield _single(m.SNAPSHOT_AGE, max(0.0, now - snapshot.taken_at))

@@ -18,6 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LOSS_STATS = ("min", "median", "max", "mean")
 ROUND_OUTCOMES = ("averaged", "partial", "skipped", "failed")
+# why a trainer refused an all-reduce contribution: swarm.guard.REASONS (tests check they agree)
+REJECT_REASONS = ("nonfinite", "norm", "weight", "shape", "dtype", "codebook", "malformed", "result")
 RUN_INFO_LABELS = ("run_id", "model", "version")
 
 
@@ -60,6 +62,11 @@ AVERAGING_SENT = MetricSpec(
     "swarm_averaging_sent_bytes_total", "Bytes sent for averaging, summed over trainers seen.", "counter")
 AVERAGING_RECEIVED = MetricSpec(
     "swarm_averaging_received_bytes_total", "Bytes received for averaging, summed over trainers seen.", "counter")
+REJECTED_CONTRIBUTIONS = MetricSpec(
+    "swarm_rejected_contributions_total",
+    "All-reduce contributions (parts sent, or a reducer's averages) refused by trainers as poisoned, summed over "
+    "trainers seen, by reason; each refusal also bans the sender from the refusing trainer's later rounds.",
+    "counter", ("reason",))
 RUN_INFO = MetricSpec("swarm_run_info", "Always 1; labels describe the monitored run.", "gauge", RUN_INFO_LABELS)
 SNAPSHOT_AGE = MetricSpec(
     "swarm_snapshot_age_seconds", "Age of the served data: seconds since the last successful DHT read.", "gauge")
@@ -77,7 +84,8 @@ CHECKPOINT_FAILURES = MetricSpec(
 CHECKPOINT = (CHECKPOINT_STEP, EVAL_LOSS, EVAL_PERPLEXITY, CHECKPOINT_FAILURES)
 
 ALL = (UP, STEP, PEERS, SAMPLES_PER_SECOND, TOKENS_PER_SECOND, LOSS, ETA_NEXT_STEP, AVERAGING_ROUNDS,
-       AVERAGING_SENT, AVERAGING_RECEIVED, RUN_INFO, SNAPSHOT_AGE, SCRAPE_DURATION) + CHECKPOINT
+       AVERAGING_SENT, AVERAGING_RECEIVED, REJECTED_CONTRIBUTIONS, RUN_INFO, SNAPSHOT_AGE,
+       SCRAPE_DURATION) + CHECKPOINT
 
 # Only with per_peer=True: one series per live trainer, labelled by a short hash of its DHT subkey.
 PEER_LABEL = "peer"

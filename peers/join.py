@@ -20,7 +20,7 @@ import time
 from hivemind.utils.multiaddr import Multiaddr
 
 from peers.common import reinstall_stop_handlers
-from swarm import compression, net
+from swarm import compression, guard, net
 from swarm.access import Access, MemberGate, keep_membership_until, load_access
 from swarm.config import SwarmConfig, adopt_shared, peer_from_overrides
 from swarm.data import train_batches
@@ -145,6 +145,8 @@ def build_trainer(config: SwarmConfig, dht, private_key, gate: MemberGate | None
     counters = compression.WireCounters()
     compression.install_wire_counters(counters)
     partial_watch = PartialRoundWatch().install()
+    rejected = guard.GuardCounters()  # poisoned all-reduce contributions refused by this trainer's averagers
+    guard.install(rejected, max_weight=guard.max_weight(config.averaging.target_batch_size))
     round_log = RoundLog()
     optimizer = build_optimizer(
         model.parameters(), dht=dht, private_key=private_key, run_id=config.run_id, batch_size=batch_size,
@@ -154,7 +156,7 @@ def build_trainer(config: SwarmConfig, dht, private_key, gate: MemberGate | None
     batches = train_batches(config.data, tokenizer, batch_size=batch_size, seed=peer_seed(dht, config.peer.seed))
     publisher = ProgressPublisher(dht=dht, run_id=config.run_id, subkey=owner_subkey(private_key),
                                   device=plan.label, round_log=round_log, counters=counters,
-                                  ttl=config.timeouts.record_ttl)
+                                  ttl=config.timeouts.record_ttl, rejected=rejected)
     parameters = list(model.parameters())
     publisher.digest_source = lambda: (optimizer.local_epoch, state_digest(parameters))
     trainer = Trainer(model=model, optimizer=optimizer, batches=batches, plan=plan,

@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 
 from peers.common import reinstall_stop_handlers
-from swarm import net, records
+from swarm import guard, net, records
 from swarm.access import Access, seed_access
 from swarm.checkpoint import CONFIG_FILE, load_optimizer, load_weights, read_state
 from swarm.checkpoint import resolve as resolve_checkpoint
@@ -97,6 +97,8 @@ def serve_checkpoint(dht, config: SwarmConfig, path: Path, access: Access | None
 
     step = read_state(path)["step"]
     model = build_model(config.model, vocab_size=build_tokenizer(config.tokenizer).vocab_size)
+    # it only serves state, but any averager of ours checks what it would receive (swarm.guard), installed pre-fork
+    guard.install(guard.GuardCounters(), max_weight=guard.max_weight(config.averaging.target_batch_size))
     averager = build_state_averager(model.parameters(), dht=dht, run_id=config.run_id, optim=config.optimizer,
                                     averaging=config.averaging, timeouts=config.timeouts, share=True, start=False,
                                     gate=access.gate() if access else None, owner_subkey=owner_subkey)

@@ -58,6 +58,14 @@ logger = logging.getLogger(__name__)
 # not match its codec, or more parts than expected.
 REASONS = ("nonfinite", "norm", "weight", "shape", "dtype", "codebook", "malformed", "result")
 MAX_BANNED = 1024
+WEIGHT_SLACK = 2  # an honest weight (samples accumulated) can pass the target batch while a round is matched
+
+
+def max_weight(target_batch_size: int) -> float:
+    """The largest weight accepted from a peer of a swarm with this ``averaging.target_batch_size``."""
+    if target_batch_size < 1:
+        raise ValueError(f"target_batch_size must be at least 1, got {target_batch_size}")
+    return float(WEIGHT_SLACK * target_batch_size)
 
 
 class GuardCounters:

@@ -11,6 +11,7 @@ import hivemind
 from hivemind.utils import get_dht_time
 
 from swarm.compression import WireCounters
+from swarm.guard import REASONS, GuardCounters
 from swarm.records import TrainerRecord, metrics_key
 from swarm.rounds import RoundLog
 
@@ -21,8 +22,9 @@ class ProgressPublisher:
     """Stores this trainer's signed record every ``period`` seconds without blocking the training loop."""
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, subkey: bytes, device: str, round_log: RoundLog,
-                 counters: WireCounters, ttl: float, period: float = 2.0):
+                 counters: WireCounters, ttl: float, period: float = 2.0, rejected: GuardCounters | None = None):
         self.dht, self.run_id, self.subkey, self.device = dht, run_id, subkey, device
+        self.rejected = rejected  # contributions this trainer's averagers refused, by reason (swarm.guard)
         self.key = metrics_key(run_id)
         self.round_log, self.counters, self.ttl, self.period = round_log, counters, ttl, period
         self._last = 0.0
@@ -54,7 +56,12 @@ class ProgressPublisher:
             rounds_averaged=counts["averaged"], rounds_partial=counts["partial"],
             rounds_skipped=counts["skipped"], rounds_failed=counts["failed"],
             device=self.device[:32], time=time.time(), config=self.config_subkey, **self._digest(),
+            **self._rejected(),
         )
+
+    def _rejected(self) -> dict:
+        counts = self.rejected.snapshot() if self.rejected is not None else dict.fromkeys(REASONS, 0)
+        return {f"rejected_{reason}": min(int(count), 10**9) for reason, count in counts.items()}
 
     def _digest(self) -> dict:
         if self.digest_source is None:

@@ -56,6 +56,9 @@ def _amount(name: str):
     return confloat(ge=0.0, le=RECORD_LIMITS[name], strict=True)
 
 
+_rejected = conint(ge=0, le=10**9, strict=True)
+
+
 def metrics_key(run_id: str) -> str:
     return f"{run_id}_metrics"
 
@@ -90,6 +93,15 @@ class TrainerRecord(BaseModel):
     digest: conlist(confloat(strict=True, ge=-1e6, le=1e6), max_items=DIGEST_SIZE) = []
     digest_step: _count("step") = 0
     config: constr(strict=True, max_length=64) = ""  # subkey (signer) of the swarm config this trainer follows
+    # all-reduce contributions this trainer's averagers refused since it started, one field per swarm.guard.REASONS
+    rejected_nonfinite: _rejected = 0
+    rejected_norm: _rejected = 0
+    rejected_weight: _rejected = 0
+    rejected_shape: _rejected = 0
+    rejected_dtype: _rejected = 0
+    rejected_codebook: _rejected = 0
+    rejected_malformed: _rejected = 0
+    rejected_result: _rejected = 0
 
 
 class MetricsSchema(BaseModel):

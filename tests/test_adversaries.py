@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, TINY, PeerProcesses
 from test_faults import wait_for_step
 
+pytestmark = pytest.mark.timeout(900)  # one module-wide swarm; slow on a loaded 2-core machine
 STEPS = 6
 LR, WARMUP, TOTAL = 1e-3, 3, 1000  # configs/tiny.yaml
 

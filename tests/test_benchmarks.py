@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -29,7 +32,8 @@ def leftovers(pid: int) -> list[str]:
     """Namespaces and links of the benchmark run by process ``pid`` that still exist."""
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    return [n for n in names if n.startswith(f"swbench-{pid}-")] + [f"swb{pid}" for _ in [0] if f"swb{pid}" in links]
+    return ([n for n in names if n.startswith(f"swbench-{pid}-")]
+            + re.findall(rf"\bswb{pid}(?:br|h\d+|p\d+)\b", links))
 
 
 def alive_in_groups(groups: list[int]) -> list[psutil.Process]:
@@ -74,6 +78,29 @@ def test_averaging_toy_round(tmp_path):
     assert row["ar_tx_bytes"] > 0 and row["ar_rx_bytes"] > 0 and row["relative_error"] < 0.05
     assert leftovers(pid) == []
     assert alive_in_groups(row["process_groups"]) == []  # peers and their p2pd daemons
+
+
+@needs_root
+def test_averaging_interrupted_cleans_up(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.averaging", "--toy"], cwd=ROOT, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    started: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while len(started) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            started.update((c.pid, c) for c in psutil.Process(proc.pid).children(recursive=True))
+            time.sleep(0.2)
+        assert len(started) >= 2, "the benchmark started no peers"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-2000:]
+    assert leftovers(proc.pid) == []
+    _, alive = psutil.wait_procs(list(started.values()), timeout=5)
+    assert alive == []
 
 
 def test_codec_bench_toy(tmp_path):

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import multiprocessing as mp
+import threading
 
 import psutil
 import pytest
@@ -101,6 +102,30 @@ def test_reducer_refuses_and_averages_the_rest(caplog):
         guard.uninstall()
 
 
+def test_rejections_reach_the_progress_record_and_the_monitor():
+    from monitor import metrics
+    from monitor.collector import CounterLedger, SwarmCollector, SwarmSnapshot
+    from swarm.compression import WireCounters
+    from swarm.progress import ProgressPublisher
+    from swarm.rounds import RoundLog
+
+    assert metrics.REJECT_REASONS == guard.REASONS
+    counters = guard.GuardCounters()
+    counters.add("norm")
+    counters.add("norm")
+    publisher = ProgressPublisher(dht=None, run_id="run", subkey=b"me", device="cpu", round_log=RoundLog(),
+                                  counters=WireCounters(), ttl=30, rejected=counters)
+    record = publisher.record(step=1, loss=2.0, samples_done=8, samples_per_second=1.0, tokens_per_second=64.0)
+    assert record.rejected_norm == 2 and record.rejected_weight == 0
+    ledger = CounterLedger()
+    ledger.update({b"me": record})
+    snapshot = SwarmSnapshot(records={b"me": record}, taken_at=0.0, ok=True, totals=ledger.totals())
+    collector = SwarmCollector(run_info=dict(run_id="run", model="gpt2", version="0"), snapshot_source=lambda: snapshot)
+    family = next(f for f in collector.collect() if f.name == "swarm_rejected_contributions")
+    assert {s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total")} == {
+        **dict.fromkeys(guard.REASONS, 0.0), "norm": 2.0}
+
+
 async def _reduce(parts, peers):
     reducer = guard.GuardedReducer([torch.Size([1000])], len(parts), part_dtypes=[torch.float32], local_sender=0,
                                    sender_ids=peers[: len(parts)], settings=guard._settings)
@@ -188,7 +213,7 @@ EvilAverager.__name__ = DecentralizedAverager.__name__  # hivemind names its RPC
 
 def averager_options(**extra):
     return dict(prefix="guardtest", start=True, min_matchmaking_time=2.0, request_timeout=1.0, min_group_size=2,
-                target_group_size=4, compression=build_compression("blockwise8", size_threshold=2**16),
+                target_group_size=8, shutdown_timeout=2, compression=build_compression("blockwise8", size_threshold=2**16),
                 part_size_bytes=2**15, allreduce_timeout=20.0, next_chunk_timeout=5.0, **extra)
 
 
@@ -203,6 +228,7 @@ class Swarm:
         self.honest = [DecentralizedAverager([torch.zeros(n) for n in SIZES], dht, **averager_options())
                        for dht in self.dhts]
         self.ids = [dht.peer_id for dht in self.dhts]
+        self.threads: dict[DecentralizedAverager, list[threading.Thread]] = {}
 
     def dht(self) -> hivemind.DHT:
         return hivemind.DHT(start=True, initial_peers=self.seeds, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -217,6 +243,8 @@ class Swarm:
         if pair is not None:
             pair[1].shutdown()
             pair[0].shutdown()
+            for thread in self.threads.pop(pair[1], []):
+                thread.join(timeout=30)
 
     def round(self, index: int, attackers: list[DecentralizedAverager]):
         """One averaging round of every peer; the honest peers' (result, gathered group) by index."""
@@ -224,23 +252,17 @@ class Swarm:
             with averager.get_tensors() as tensors:
                 for tensor, value in zip(tensors, honest_values(index, i)):
                     tensor.copy_(value)
-        for averager in attackers:
-            with averager.get_tensors() as tensors:
-                for tensor, value in zip(tensors, honest_values(index, 9)):
-                    tensor.copy_(value)
+        for averager in attackers:  # in threads: an attacker stuck in its failed last round must not hold us up
+            thread = threading.Thread(target=_step_quietly, args=(averager, index), daemon=True)
+            thread.start()
+            self.threads.setdefault(averager, []).append(thread)
         controls = [a.step(weight=w, gather=i, wait=False, timeout=25, allow_retries=False)
                     for i, (a, w) in enumerate(zip(self.honest, HONEST_WEIGHTS))]
-        evil = [a.step(weight=8.0, gather="attacker", wait=False, timeout=25, allow_retries=False) for a in attackers]
         outcomes = []
         for averager, control in zip(self.honest, controls):
             gathered = control.result(timeout=60)
             with averager.get_tensors() as tensors:
                 outcomes.append(([t.clone() for t in tensors], gathered))
-        for control in evil:
-            try:
-                control.result(timeout=60)
-            except BaseException:
-                pass  # refused, banned or left alone: any way of failing is fine
         return outcomes
 
     def close(self):
@@ -249,6 +271,16 @@ class Swarm:
         for dht in self.dhts:
             dht.shutdown()
         guard.uninstall()
+
+
+def _step_quietly(averager: DecentralizedAverager, index: int) -> None:
+    try:
+        with averager.get_tensors() as tensors:  # held by the averager while its (failed) last round winds down
+            for tensor, value in zip(tensors, honest_values(index, 9)):
+                tensor.copy_(value)
+        averager.step(weight=8.0, gather="attacker", timeout=15, allow_retries=False)
+    except BaseException:
+        pass  # refused, banned, left alone or shut down: any way of failing is the attacker's
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +297,8 @@ def swarm():
 
 def check_honest_result(outcomes, round_index: int, *, kept_allowed: float) -> None:
     """Each honest peer's result is the weighted average of the honest peers of its group, except (at most a
-    ``kept_allowed`` fraction) values exactly equal to its own: a shard whose reducer was refused."""
+    ``kept_allowed`` fraction) values exactly equal to its own: a shard whose reducer was refused. (A few values
+    equal ours by chance after fp16 rounding, hence 1e-3 and not 0 when every reducer is honest.)"""
     for i, (result, gathered) in enumerate(outcomes):
         members = [j for j in gathered.values() if isinstance(j, int)]
         assert i in members and len(members) >= 2, gathered
@@ -283,37 +316,45 @@ def check_honest_result(outcomes, round_index: int, *, kept_allowed: float) -> N
 
 # (mode, client mode, reasons it may be counted under). A normal-mode attacker also reduces a shard; in mode
 # "nan" its answers are NaN, so the honest peers refuse them ("result") and keep their own values there.
-ATTACKS: list[tuple[str, bool, set]] = [("nan", False, {"nonfinite", "result"}), ("inf", True, {"nonfinite"}), ("huge", True, {"norm"}),
-           ("weight", True, {"weight"}), ("shape", True, {"shape"}), ("dtype", True, {"dtype"}),
-           ("codebook", True, {"codebook"})]
+# Two attacks per round (their reasons differ), so the seven attacks take four rounds.
+ROUNDS: list[list[tuple[str, bool, set]]] = [
+    [("nan", False, {"nonfinite", "result"}), ("inf", True, {"nonfinite"})],
+    [("huge", True, {"norm"}), ("weight", True, {"weight"})],
+    [("shape", True, {"shape"}), ("dtype", True, {"dtype"})],
+    [("codebook", True, {"codebook"})],
+    [],  # the last attackers, banned, try once more
+]
 
 
 def test_poisoned_parts_are_refused_and_senders_left_out(swarm):
-    """Per attack: counted under its reason, honest result close to the honest-only average; and the attacker
-    of the round before (banned, now sending plausible values shifted by +3) is in no honest peer's group."""
-    plan = ATTACKS + [(None, True, set())]
-    previous, upcoming = None, swarm.attacker(*plan[0][:2])  # started a round early: ready when its turn comes
-    for index, (mode, client_mode, reasons) in enumerate(plan):
-        current = upcoming
-        upcoming = swarm.attacker(*plan[index + 1][:2]) if index + 1 < len(plan) and plan[index + 1][0] else None
-        if previous is not None:
-            previous[1].sneaky.value = 1
+    """Per attack: counted under its reason, honest result close to the honest-only average; and the attackers
+    of the round before (banned, now sending plausible values shifted by +3) are in no honest peer's group."""
+    previous, upcoming = [], [swarm.attacker(mode, client) for mode, client, _ in ROUNDS[0]]
+    for index, attacks in enumerate(ROUNDS):
+        import time, sys; t0 = time.time()
+        current = upcoming  # started a round early: ready when their turn comes
+        later = ROUNDS[index + 1] if index + 1 < len(ROUNDS) else []
+        upcoming = [swarm.attacker(mode, client) for mode, client, _ in later]
+        t1 = time.time()
+        for _, averager in previous:
+            averager.sneaky.value = 1
         before = swarm.counters.snapshot()
-        for _attempt in range(3):  # a new attacker that missed the honest group (slow start) tries again
-            outcomes = swarm.round(index, [pair[1] for pair in (current, previous) if pair is not None])
+        for _attempt in range(3):  # new attackers that missed the honest group (slow start) try again
+            outcomes = swarm.round(index, [averager for _, averager in current + previous])
             after = swarm.counters.snapshot()
-            if current is None or after != before:
+            if not current or all(after[_primary(mode)] > before[_primary(mode)] for mode, _, _ in attacks):
                 break
+        t2 = time.time()
         grown = {reason for reason in guard.REASONS if after[reason] > before[reason]}
-        if mode:
-            primary = "nonfinite" if mode == "nan" else next(iter(reasons))
-            assert primary in grown and grown <= reasons, (mode, before, after)
-        else:
-            assert not grown, (before, after)
-        check_honest_result(outcomes, index, kept_allowed=0.0 if client_mode else 0.5)
-        if previous is not None:
-            for _, gathered in outcomes:
-                assert previous[0].peer_id not in gathered, (index, gathered)
-            swarm.stop(previous)
+        assert grown == set().union(*(reasons for _, _, reasons in attacks)), (attacks, before, after)
+        check_honest_result(outcomes, index, kept_allowed=1e-3 if all(c for _, c, _ in attacks) else 0.5)
+        for dht, _ in previous:
+            assert all(dht.peer_id not in gathered for _, gathered in outcomes), (index, outcomes)
+        for pair in previous:
+            swarm.stop(pair)
         previous = current
-    swarm.stop(previous)
+        print("TIMING", index, _attempt, round(t1-t0,1), round(t2-t1,1), round(time.time()-t2,1), file=sys.stderr, flush=True)
+
+
+def _primary(mode: str) -> str:
+    return {"nan": "nonfinite", "inf": "nonfinite", "huge": "norm"}.get(mode, mode)

@@ -236,7 +236,6 @@ def probe_averagers(dht, target: str, run_id: str) -> dict:
     from hivemind.p2p import PeerID
     from hivemind.proto import averaging_pb2
     from hivemind.utils import get_dht_time
-    from hivemind.utils.asyncio import as_aiter
 
     peer = PeerID.from_base58(target.rsplit("/p2p/", 1)[1])
     grad_prefix = f"{run_id}_grad_averager"
@@ -247,12 +246,18 @@ def probe_averagers(dht, target: str, run_id: str) -> dict:
         stream = await grad.rpc_join_group(averaging_pb2.JoinRequest(
             schema_hash=b"\1" * 20, expiration=get_dht_time() + 30, group_key=f"{grad_prefix}.0b"))
         join = averaging_pb2.MessageCode.Name((await anext(stream)).code)
-        part = as_aiter(averaging_pb2.AveragingData(code=averaging_pb2.PART_FOR_AVERAGING, group_id=b"\0" * 20))
-        try:  # hivemind holds a member's part for an unknown group until its next group forms, or drops it
-            reply = await asyncio.wait_for(anext(await grad.rpc_aggregate_part(part)), timeout=3)
+        answered = asyncio.Event()
+
+        async def parts():  # like a real sender, keep the stream open until the peer answers (else it hangs up)
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PART_FOR_AVERAGING, group_id=b"\0" * 20)
+            await answered.wait()
+
+        try:  # hivemind holds a member's part for an unknown group until its next group forms
+            reply = await asyncio.wait_for(anext(await grad.rpc_aggregate_part(parts())), timeout=10)
             part = averaging_pb2.MessageCode.Name(reply.code)
         except Exception as error:
             part = f"no answer ({type(error).__name__})"
+        answered.set()
         state = TrainingStateAverager.get_stub(p2p, peer, namespace=f"{run_id}_state_averager")
         messages = [m async for m in await state.rpc_download_state(averaging_pb2.DownloadRequest())]
         return dict(join=join, part=part, state_messages=len(messages))
