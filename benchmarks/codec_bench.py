@@ -24,11 +24,12 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from benchmarks.averaging import CODECS, parse_count
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +43,16 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def memcpy_mb_s(tensor: torch.Tensor, repeats: int) -> float:
+def memcpy_mb_s(tensor: "torch.Tensor", repeats: int) -> float:
+    import torch
+
     target = torch.empty_like(tensor)
     target.copy_(tensor)  # touch the pages first
     return tensor.numel() * 4 / best_seconds(lambda: target.copy_(tensor), repeats) / 1e6
 
 
-def measure_codec(name: str, tensor: torch.Tensor, part_size_bytes: int, repeats: int) -> dict:
+def measure_codec(name: str, tensor: "torch.Tensor", part_size_bytes: int, repeats: int) -> dict:
+    import torch
     from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 
     from swarm.compression import build_compression
@@ -105,6 +109,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch  # after parsing: a bad argument is answered at once
+
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")  # inside hivemind's uniform8 codec
     rows = []

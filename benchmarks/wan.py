@@ -185,7 +185,7 @@ class Wan:
         self.procs.append(proc)
         return proc
 
-    def stop_all(self, timeout: float = 15.0) -> None:
+    def stop_all(self, timeout: float = 8.0) -> None:
         """SIGTERM each started process's group (our children and theirs only), then SIGKILL what remains."""
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
             for proc in self.procs:
@@ -323,10 +323,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     raise_on_sigterm()
     rows = []
-    for rate in args.rate_mbit or [50.0]:
-        with Wan(args.peers, rate_mbit=rate) as wan:
-            rows.append(link_test(wan, args.megabytes))
-            logger.info("link %.0f Mbit/s: %s", rate, rows[-1])
+    try:
+        for rate in args.rate_mbit or [50.0]:
+            with Wan(args.peers, rate_mbit=rate) as wan:
+                rows.append(link_test(wan, args.megabytes))
+                logger.info("link %.0f Mbit/s: %s", rate, rows[-1])
+    except KeyboardInterrupt:
+        logger.error("interrupted; namespaces and processes were removed")
+        return 130
     print(f"{'rate Mbit/s':>12} {'measured':>9} {'ratio':>6} {'overhead':>9} {'seconds':>8}")
     for row in rows:
         print(f"{row['rate_mbit']:>12.0f} {row['measured_mbit']:>9.2f} {row['ratio_to_rate']:>6.3f} "

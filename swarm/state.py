@@ -194,6 +194,18 @@ def state_digest(tensors: Sequence[torch.Tensor]) -> list[float]:
         return torch.stack(picked).cpu().tolist() if picked else []  # one device sync
 
 
+def digest_scales(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """Per digest coordinate, the scale of the tensor it lies in (its RMS in ``tensors``, at least the median RMS
+    of all tensors): distances are measured in these units, so that LayerNorm gains near 1 do not drown the
+    differences of weights near 0.02, and biases near 0 do not magnify noise."""
+    with torch.no_grad():
+        rms = [float(t.detach().float().pow(2).mean().sqrt()) if t.numel() else 0.0 for t in tensors]
+        floor = float(torch.tensor(rms).median()) if rms else 1.0
+        floor = floor if floor > 0 else 1.0
+        coordinates = digest_coordinates([t.numel() for t in tensors])
+        return [max(rms[i], floor) for i, _ in coordinates]
+
+
 class StateCheck:
     """Checks a downloaded (metadata, tensors) against our own state's layout and the swarm's published digests.
 
@@ -202,10 +214,11 @@ class StateCheck:
     """
 
     def __init__(self, *, num_parameters: int, local_tensors: Callable[[], list[torch.Tensor]],
-                 second_moments: Callable[[], set[int]], initial_digest: list[float],
+                 second_moments: Callable[[], set[int]], initial_digest: list[float], scales: list[float],
                  swarm_view: Callable[[], tuple[int | None, dict[int, list[list[float]]]]]):
         self.num_parameters, self.local_tensors, self.second_moments = num_parameters, local_tensors, second_moments
         self.initial_digest, self.swarm_view = initial_digest, swarm_view
+        self.scales = torch.tensor(scales)
 
     def __call__(self, metadata: Any, tensors: Sequence[torch.Tensor]) -> str | None:
         if not isinstance(metadata, dict) or isinstance(metadata.get("epoch"), bool) \
@@ -239,7 +252,7 @@ class StateCheck:
                    parameters: Sequence[torch.Tensor]) -> str | None:
         ours = torch.tensor(state_digest(parameters))
         if epoch == 0:  # nobody has stepped yet: it must be the model the config builds
-            distance = _distance(ours, torch.tensor(self.initial_digest))
+            distance = self._distance(ours, torch.tensor(self.initial_digest))
             if not distance <= INITIAL_TOLERANCE:
                 return f"it claims step 0, but its parameters are not the config's initial model (distance {distance:.3g})"
             return None
@@ -250,7 +263,7 @@ class StateCheck:
                 return f"it claims step {epoch}, but none of the {published} trainers' records is near that step"
             logger.info("Could not cross-check the downloaded state: %d trainers publish a digest", published)
             return None
-        distance = _distance(ours, torch.tensor(near).median(dim=0).values)
+        distance = self._distance(ours, torch.tensor(near).median(dim=0).values)
         logger.info("Downloaded state at step %d vs %d trainers' digests: relative distance %.4f",
                     epoch, len(near), distance)
         if not distance <= DIGEST_TOLERANCE:
@@ -259,10 +272,12 @@ class StateCheck:
         return None
 
 
-def _distance(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    if ours.shape != reference.shape:
-        return math.inf
-    return float((ours - reference).norm() / reference.norm().clamp_min(1e-12))
+    def _distance(self, ours: torch.Tensor, reference: torch.Tensor) -> float:
+        """Relative distance of two digests, each coordinate in units of its tensor's scale."""
+        if ours.shape != reference.shape or reference.shape != self.scales.shape:
+            return math.inf
+        ours, reference = ours / self.scales, reference / self.scales
+        return float((ours - reference).norm() / reference.norm().clamp_min(1e-12))
 
 
 def second_moment_indices(optimizer: torch.optim.Optimizer) -> set[int]:
@@ -314,7 +329,7 @@ def check_downloads(averager, *, dht: hivemind.DHT, run_id: str) -> None:
 
     num_parameters = len(parameters())
     averager.state_check = StateCheck(
-        num_parameters=num_parameters, initial_digest=state_digest(parameters()),
+        num_parameters=num_parameters, initial_digest=state_digest(parameters()), scales=digest_scales(parameters()),
         local_tensors=lambda: parameters() + list(dump_optimizer_state(averager.optimizer)[1]),
         second_moments=lambda: second_moment_indices(averager.optimizer),
         swarm_view=lambda: records_bounds(dht, run_id),

@@ -81,18 +81,19 @@ def test_averaging_toy_round(tmp_path):
 
 
 @needs_root
-def test_averaging_interrupted_cleans_up(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.averaging", "--toy"], cwd=ROOT, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+def test_interrupted_run_cleans_up():
+    """SIGTERM in the middle of a (slow) link test: namespaces, links and the processes in them are gone."""
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.wan", "--rate-mbit", "1", "--megabytes", "100"], cwd=ROOT,
+                            text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     started: dict[int, psutil.Process] = {}
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 30
         while len(started) < 2 and time.monotonic() < deadline and proc.poll() is None:
             started.update((c.pid, c) for c in psutil.Process(proc.pid).children(recursive=True))
-            time.sleep(0.2)
-        assert len(started) >= 2, "the benchmark started no peers"
+            time.sleep(0.1)
+        assert len(started) >= 2 and leftovers(proc.pid), "the link test did not start"
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -104,16 +105,17 @@ def test_averaging_interrupted_cleans_up(tmp_path):
 
 
 def test_codec_bench_toy(tmp_path):
-    result = bench("codec_bench", "--values", "100k", "--repeats", "1", "--json", str(tmp_path / "codecs.json"))
+    result = bench("codec_bench", "--toy", "--codec", "blockwise8", "--codec", "none", "--json", str(tmp_path / "c.json"))
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads((tmp_path / "codecs.json").read_text())
-    assert {r["codec"] for r in rows} == {"none", "fp16", "uniform8", "blockwise8"}
+    rows = json.loads((tmp_path / "c.json").read_text())
+    assert [r["codec"] for r in rows] == ["blockwise8", "none"]
     assert all(r["compress_mb_s"] > 0 and r["extract_mb_s"] > 0 and r["memcpy_mb_s"] > 0 for r in rows)
 
 
 def test_training_baseline_toy(tmp_path):
-    result = bench("training", "--no-swarm", "--baseline", "--steps", "1", "--eval-batches", "1",
-                   "--set", "averaging.target_batch_size=8", "--json", str(tmp_path / "t.json"))
+    result = bench("training", "--no-swarm", "--baseline", "--steps", "1", "--eval-batches", "1", "--batch-size", "2",
+                   "--set", "averaging.target_batch_size=2", "--set", "model.n_layer=1", "--set", "model.d_model=32",
+                   "--json", str(tmp_path / "t.json"))
     assert result.returncode == 0, result.stderr[-2000:]
     [row] = json.loads((tmp_path / "t.json").read_text())
     assert row["variant"] == "single-process" and row["steps_reached"] == 1 and row["eval_loss"] > 0

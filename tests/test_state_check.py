@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from swarm.state import DIGEST_TOLERANCE, StateCheck, second_moment_indices, state_digest
+from swarm.state import DIGEST_TOLERANCE, StateCheck, digest_scales, second_moment_indices, state_digest
 
 
 def make_state(seed: int = 0):
@@ -28,6 +28,7 @@ def checker(params, optimizer, opt_tensors, *, bound=None, digests=None, initial
     return StateCheck(num_parameters=len(params), local_tensors=lambda: params + opt_tensors,
                       second_moments=lambda: second_moment_indices(optimizer),
                       initial_digest=initial if initial is not None else state_digest(params),
+                      scales=digest_scales(params),
                       swarm_view=lambda: (bound, digests or {}))
 
 
