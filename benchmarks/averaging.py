@@ -71,6 +71,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.matchmaking_time, args.request_timeout = 1.0, 1.0
     if not 2 <= args.peers <= 16 or args.rounds < 1 or args.matchmaking_time <= 0 or args.request_timeout <= 0:
         parser.error("--peers must be 2..16, --rounds >= 1, timeouts positive")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json {args.json}: its directory does not exist")
     if any(rate <= 0 for rate in args.rate_mbit or []):
         parser.error("--rate-mbit must be positive")
     args.rate_mbit, args.values = args.rate_mbit or [50.0], args.values or [25_000_000]

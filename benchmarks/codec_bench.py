@@ -100,6 +100,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.toy:
         args.values, args.repeats = [1_000_000], 1
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json {args.json}: its directory does not exist")
     if args.repeats < 1 or args.threads < 1 or args.part_size_bytes < 4:
         parser.error("--repeats and --threads must be >= 1, --part-size-bytes >= 4")
     args.values, args.codec = args.values or [1_000_000, 10_000_000, 100_000_000], args.codec or list(CODECS)

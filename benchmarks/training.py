@@ -75,6 +75,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             variant_overrides(name)
         except argparse.ArgumentTypeError as error:
             parser.error(str(error))
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json {args.json}: its directory does not exist")
     if not 1 <= args.peers <= 16 or args.steps < 1 or args.rate_mbit <= 0 or args.batch_size < 1:
         parser.error("--peers must be 1..16, --steps and --batch-size >= 1, --rate-mbit positive")
     args.config = args.config or str(Path(args.source) / "configs" / "tiny.yaml")

@@ -300,6 +300,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--cleanup-only", action="store_true", help="remove leftovers of crashed runs and exit")
     args = parser.parse_args(argv)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json {args.json}: its directory does not exist")
     if args.peers < 2 or args.megabytes <= 0 or any(r <= 0 for r in args.rate_mbit or []):
         parser.error("--peers must be >= 2, --megabytes and --rate-mbit positive")
     return args

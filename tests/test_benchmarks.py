@@ -105,10 +105,10 @@ def test_interrupted_run_cleans_up():
 
 
 def test_codec_bench_toy(tmp_path):
-    result = bench("codec_bench", "--toy", "--codec", "blockwise8", "--codec", "none", "--json", str(tmp_path / "c.json"))
+    result = bench("codec_bench", "--toy", "--codec", "uniform8", "--codec", "none", "--json", str(tmp_path / "c.json"))
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "c.json").read_text())
-    assert [r["codec"] for r in rows] == ["blockwise8", "none"]
+    assert [r["codec"] for r in rows] == ["uniform8", "none"]  # blockwise8 (bitsandbytes: slow import) runs in averaging
     assert all(r["compress_mb_s"] > 0 and r["extract_mb_s"] > 0 and r["memcpy_mb_s"] > 0 for r in rows)
 
 

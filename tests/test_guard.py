@@ -228,7 +228,7 @@ class Swarm:
         self.honest = [DecentralizedAverager([torch.zeros(n) for n in SIZES], dht, **averager_options())
                        for dht in self.dhts]
         self.ids = [dht.peer_id for dht in self.dhts]
-        self.threads: dict[DecentralizedAverager, list[threading.Thread]] = {}
+        self.attempts: dict[DecentralizedAverager, tuple[list, list[threading.Thread]]] = {}  # attackers' steps
 
     def dht(self) -> hivemind.DHT:
         return hivemind.DHT(start=True, initial_peers=self.seeds, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -241,10 +241,13 @@ class Swarm:
 
     def stop(self, pair) -> None:
         if pair is not None:
+            controls, threads = self.attempts.pop(pair[1], ([], []))
+            for control in controls:
+                control.cancel()
+            for thread in threads:
+                thread.join(timeout=30)
             pair[1].shutdown()
             pair[0].shutdown()
-            for thread in self.threads.pop(pair[1], []):
-                thread.join(timeout=30)
 
     def round(self, index: int, attackers: list[DecentralizedAverager]):
         """One averaging round of every peer; the honest peers' (result, gathered group) by index."""
@@ -253,9 +256,9 @@ class Swarm:
                 for tensor, value in zip(tensors, honest_values(index, i)):
                     tensor.copy_(value)
         for averager in attackers:  # in threads: an attacker stuck in its failed last round must not hold us up
-            thread = threading.Thread(target=_step_quietly, args=(averager, index), daemon=True)
-            thread.start()
-            self.threads.setdefault(averager, []).append(thread)
+            controls, thread = self.attempts.setdefault(averager, ([], []))
+            thread.append(threading.Thread(target=_step_quietly, args=(averager, index, controls), daemon=True))
+            thread[-1].start()
         controls = [a.step(weight=w, gather=i, wait=False, timeout=25, allow_retries=False)
                     for i, (a, w) in enumerate(zip(self.honest, HONEST_WEIGHTS))]
         outcomes = []
@@ -273,14 +276,15 @@ class Swarm:
         guard.uninstall()
 
 
-def _step_quietly(averager: DecentralizedAverager, index: int) -> None:
+def _step_quietly(averager: DecentralizedAverager, index: int, controls: list) -> None:
     try:
         with averager.get_tensors() as tensors:  # held by the averager while its (failed) last round winds down
             for tensor, value in zip(tensors, honest_values(index, 9)):
                 tensor.copy_(value)
-        averager.step(weight=8.0, gather="attacker", timeout=15, allow_retries=False)
+        controls.append(averager.step(weight=8.0, gather="attacker", wait=False, timeout=15, allow_retries=False))
+        controls[-1].result(timeout=30)
     except BaseException:
-        pass  # refused, banned, left alone or shut down: any way of failing is the attacker's
+        pass  # refused, banned, left alone or stopped: any way of failing is the attacker's
 
 
 @pytest.fixture(scope="module")
