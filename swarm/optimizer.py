@@ -56,7 +56,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> BoundedProgressTracker:
         return BoundedProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
                                       client_mode=self.client_mode, status_loglevel=self.status_loglevel, start=True,
-                                      **kwargs)
+                                      min_step_seconds=self.matchmaking_time, **kwargs)
 
     def _record(self, outcome: str, group_size: int, reason: str = "", step: int | None = None) -> None:
         step = self.local_epoch if step is None else step

@@ -5,14 +5,15 @@ peer's claimed samples and throughput into the estimate of when the step ends. A
 epoch 10**12 made honest peers download state and jump their epoch (and learning-rate schedule); a claim of huge
 samples or throughput made them step at once. ``BoundedProgressTracker`` reads the same records but:
 
-- an epoch more than one step ahead of this peer is believed only when at least two peers claim it. (A peer that
-  fell behind in a swarm of two therefore does not catch up through the tracker; joiners always catch up through
-  their state download, whose step swarm.state bounds the same way.)
+- an epoch more than one step ahead of this peer is believed only when at least two peers claim it; when there is
+  only one other peer, only as far ahead as the time since our own step began allows (a step takes at least one
+  matchmaking), so a peer that was paused catches up and a claim of step 10**12 does not move anyone;
 - each peer's throughput counts at most ``RATE_FACTOR`` times the median throughput of the swarm;
 - each peer's accumulated samples count at most the target batch, and at most what its bounded throughput could
   have produced since this step began (plus the refresh slack).
 
-Claims that are cut are logged once per peer at WARNING.
+Claims that are cut are logged once per peer and claim at WARNING. Not handled: a peer that claims exactly one step
+ahead at all times makes honest peers end each step early (smaller steps, never skipped ones).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ QUORUM_AHEAD = 2  # peers that must claim an epoch more than one step ahead of o
 
 
 class BoundedProgressTracker(ProgressTracker):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, min_step_seconds: float = 1.0, **kwargs):
+        self.min_step_seconds = max(min_step_seconds, 0.1)  # no global step is shorter (one matchmaking at least)
         self._epoch_began = get_dht_time()
         self._epoch_of_begin = 0
         self._warned: set[tuple[bytes, str]] = set()
@@ -83,7 +85,13 @@ class BoundedProgressTracker(ProgressTracker):
         own = self.local_progress.epoch
         claims = sorted((p.epoch for p in peers if not p.client_mode and p.peer_id != self.dht.peer_id.to_bytes()),
                         reverse=True)
-        supported = claims[QUORUM_AHEAD - 1] if len(claims) >= QUORUM_AHEAD else own
+        if len(claims) >= QUORUM_AHEAD:
+            supported = claims[QUORUM_AHEAD - 1]
+        elif claims:  # one other peer: believe it as far as the time since our step began allows
+            elapsed = max(0.0, get_dht_time() - self._epoch_began)
+            supported = min(claims[0], own + 1 + int(elapsed / self.min_step_seconds))
+        else:
+            supported = own
         return max(own + 1, supported)
 
     def _warn_once(self, peer_id: bytes, peer: LocalTrainingProgress, changes: dict) -> None:

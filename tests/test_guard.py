@@ -335,11 +335,9 @@ def test_poisoned_parts_are_refused_and_senders_left_out(swarm):
     of the round before (banned, now sending plausible values shifted by +3) are in no honest peer's group."""
     previous, upcoming = [], [swarm.attacker(mode, client) for mode, client, _ in ROUNDS[0]]
     for index, attacks in enumerate(ROUNDS):
-        import time, sys; t0 = time.time()
         current = upcoming  # started a round early: ready when their turn comes
         later = ROUNDS[index + 1] if index + 1 < len(ROUNDS) else []
         upcoming = [swarm.attacker(mode, client) for mode, client, _ in later]
-        t1 = time.time()
         for _, averager in previous:
             averager.sneaky.value = 1
         before = swarm.counters.snapshot()
@@ -348,7 +346,6 @@ def test_poisoned_parts_are_refused_and_senders_left_out(swarm):
             after = swarm.counters.snapshot()
             if not current or all(after[_primary(mode)] > before[_primary(mode)] for mode, _, _ in attacks):
                 break
-        t2 = time.time()
         grown = {reason for reason in guard.REASONS if after[reason] > before[reason]}
         assert grown == set().union(*(reasons for _, _, reasons in attacks)), (attacks, before, after)
         check_honest_result(outcomes, index, kept_allowed=1e-3 if all(c for _, c, _ in attacks) else 0.5)
@@ -357,7 +354,6 @@ def test_poisoned_parts_are_refused_and_senders_left_out(swarm):
         for pair in previous:
             swarm.stop(pair)
         previous = current
-        print("TIMING", index, _attempt, round(t1-t0,1), round(t2-t1,1), round(time.time()-t2,1), file=sys.stderr, flush=True)
 
 
 def _primary(mode: str) -> str:
