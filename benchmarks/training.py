@@ -250,7 +250,7 @@ def run_baseline(args: argparse.Namespace) -> dict:
             for acc, p in zip(accumulated, params):
                 acc.add_(p.grad, alpha=1 / micro)
                 p.grad = None
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         for acc, p in zip(accumulated, params):
             p.grad = acc
         optimizer.step()

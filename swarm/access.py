@@ -20,6 +20,7 @@ The token file is a secret (it holds a private key): it is written readable by i
 
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
 import logging
@@ -29,7 +30,6 @@ import shutil
 import tempfile
 import threading
 import time
-import atexit
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -233,7 +233,7 @@ def member_access(token_file: TokenFile, source: str) -> Access:
         raise SwarmError(f"{source}: {problem}; ask the swarm's researcher for a new one (swarm token)")
     if RSAPublicKey.from_bytes(token_file.token.public_key).to_bytes() != _public_key(token_file.identity):
         raise SwarmError(f"{source}: its key does not match its token (edited): ask for a new token")
-    return Access(private_key=_private_key(token_file.identity), identity_path=_identity_file(token_file.identity),
+    return Access(private_key=identity_key(token_file.identity), identity_path=identity_file(token_file.identity),
                   token=token_file.token, authority=authority)
 
 
@@ -244,17 +244,18 @@ def seed_access(private_key: RSAPrivateKey, identity_path: str) -> Access:
                   authority=Authority(private_key.get_public_key().to_bytes()))
 
 
-def _private_key(identity: bytes) -> RSAPrivateKey:
+def identity_key(identity: bytes) -> RSAPrivateKey:
+    """The RSA key inside identity bytes (libp2p's PrivateKey protobuf)."""
     key = RSAPrivateKey.__new__(RSAPrivateKey)
     key._private_key = serialization.load_der_private_key(crypto_pb2.PrivateKey.FromString(identity).data, None)
     return key
 
 
 def _public_key(identity: bytes) -> bytes:
-    return _private_key(identity).get_public_key().to_bytes()
+    return identity_key(identity).get_public_key().to_bytes()
 
 
-def _identity_file(identity: bytes) -> str:
+def identity_file(identity: bytes) -> str:
     """p2pd reads its identity from a file: a private temporary one, removed at exit."""
     folder = tempfile.mkdtemp(prefix="swarm-token-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)

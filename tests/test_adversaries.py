@@ -84,9 +84,11 @@ def test_lying_progress_moves_no_one_ahead(attacked_swarm, name):
     result = report(work, name)
     final = result["final_step"]
     assert result["start_step"] == 0 and final >= STEPS and (final == STEPS or name != "trainer-0"), result
-    assert not [r for r in result["rounds"] if "fell behind" in r["reason"]], result["rounds"]
-    assert sorted(int(step) for step in result["losses"]) == list(range(final))  # one step per round, none skipped
-    assert final < 10**6 and result["lr"] == pytest.approx(scheduled_lr(final), rel=1e-6)
+    # (a trainer slowed down by the shared CPU may fall behind its honest peers and download their state: that is
+    # catching up, never a jump toward the liar's step)
+    steps = [r["step"] for r in result["rounds"]] + [int(step) for step in result["losses"]]
+    assert max(steps) < final <= 100, result["rounds"]
+    assert result["lr"] == pytest.approx(scheduled_lr(final), rel=1e-6)  # the schedule follows the real step
     assert "Ignoring implausible progress claims" in procs.log(name)
 
 

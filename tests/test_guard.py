@@ -9,6 +9,7 @@ the attacker of the previous round comes back with plausible, shifted values and
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import multiprocessing as mp
@@ -213,8 +214,8 @@ EvilAverager.__name__ = DecentralizedAverager.__name__  # hivemind names its RPC
 
 def averager_options(**extra):
     return dict(prefix="guardtest", start=True, min_matchmaking_time=2.0, request_timeout=1.0, min_group_size=2,
-                target_group_size=8, shutdown_timeout=2, compression=build_compression("blockwise8", size_threshold=2**16),
-                part_size_bytes=2**15, allreduce_timeout=20.0, next_chunk_timeout=5.0, **extra)
+                target_group_size=8, shutdown_timeout=2, part_size_bytes=2**15, allreduce_timeout=40.0,
+                next_chunk_timeout=10.0, compression=build_compression("blockwise8", size_threshold=2**16), **extra)
 
 
 class Swarm:
@@ -259,11 +260,15 @@ class Swarm:
             controls, thread = self.attempts.setdefault(averager, ([], []))
             thread.append(threading.Thread(target=_step_quietly, args=(averager, index, controls), daemon=True))
             thread[-1].start()
-        controls = [a.step(weight=w, gather=i, wait=False, timeout=25, allow_retries=False)
+        controls = [a.step(weight=w, gather=i, wait=False, timeout=45, allow_retries=False)
                     for i, (a, w) in enumerate(zip(self.honest, HONEST_WEIGHTS))]
         outcomes = []
         for averager, control in zip(self.honest, controls):
-            gathered = control.result(timeout=60)
+            try:
+                gathered = control.result(timeout=60)
+            except Exception as error:  # e.g. matchmaking timed out on a loaded machine: the caller tries again
+                logging.getLogger(__name__).warning("An honest averager's round failed: %r", error)
+                return None
             with averager.get_tensors() as tensors:
                 outcomes.append(([t.clone() for t in tensors], gathered))
         return outcomes
@@ -274,6 +279,10 @@ class Swarm:
         for dht in self.dhts:
             dht.shutdown()
         guard.uninstall()
+        # free the shared tensors now, not at interpreter exit: freed then, torch's shared-memory client aborted
+        # the process ("terminate called after throwing std::system_error: Broken pipe")
+        self.honest, self.dhts, self.first, self.attempts = [], [], None, {}
+        gc.collect()
 
 
 def _step_quietly(averager: DecentralizedAverager, index: int, controls: list) -> None:
@@ -341,11 +350,13 @@ def test_poisoned_parts_are_refused_and_senders_left_out(swarm):
         for _, averager in previous:
             averager.sneaky.value = 1
         before = swarm.counters.snapshot()
-        for _attempt in range(3):  # new attackers that missed the honest group (slow start) try again
+        for _attempt in range(3):  # new attackers that missed the honest group (slow start) or a failed round
             outcomes = swarm.round(index, [averager for _, averager in current + previous])
             after = swarm.counters.snapshot()
-            if not current or all(after[_primary(mode)] > before[_primary(mode)] for mode, _, _ in attacks):
+            caught = all(after[_primary(mode)] > before[_primary(mode)] for mode, _, _ in attacks)
+            if outcomes is not None and caught:
                 break
+        assert outcomes is not None, "no honest round succeeded in three attempts"
         grown = {reason for reason in guard.REASONS if after[reason] > before[reason]}
         assert grown == set().union(*(reasons for _, _, reasons in attacks)), (attacks, before, after)
         check_honest_result(outcomes, index, kept_allowed=1e-3 if all(c for _, c, _ in attacks) else 0.5)

@@ -269,7 +269,7 @@ def lying_authorizer(token_path: str):
     """An authorizer that presents its token whatever it says (an honest one would refuse to send it)."""
     from hivemind.utils.auth import TokenAuthorizerBase
 
-    from swarm.access import _private_key, read_token
+    from swarm.access import identity_key, read_token
 
     token_file = read_token(token_path)
 
@@ -283,7 +283,7 @@ def lying_authorizer(token_path: str):
         def does_token_need_refreshing(self, access_token) -> bool:
             return False
 
-    return Liar(_private_key(token_file.identity)), token_file.identity
+    return Liar(identity_key(token_file.identity)), token_file.identity
 
 
 def intrude(argv: list[str]) -> int:
@@ -308,7 +308,7 @@ def intrude(argv: list[str]) -> int:
             kwargs = dict(authorizer=member.authorizer(), identity_path=member.identity_path)
         elif mode != "none":
             kwargs["authorizer"], identity = lying_authorizer(getattr(args, f"token_{mode}"))
-            kwargs["identity_path"] = access._identity_file(identity)
+            kwargs["identity_path"] = access.identity_file(identity)
         dht = hivemind.DHT(initial_peers=[args.seed, args.target], ensure_bootstrap_success=False, start=True,
                            client_mode=False, **kwargs)
         try:
