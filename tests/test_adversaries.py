@@ -118,7 +118,8 @@ def test_a_joiner_refuses_a_foreign_state_and_takes_a_good_one(attacked_swarm):
     assert re.search(rf"Refusing the state served by peer {adversary}: its parameters differ", log), log[-3000:]
     result = report(work, "late")
     assert result["start_step"] >= 3, result
-    assert any(r["outcome"] == "averaged" and r["group_size"] >= 2 for r in result["rounds"]), result["rounds"]
+    # in sync within one global step: its first or second round is averaged with the swarm (issue 4, item 3)
+    assert any(r["outcome"] == "averaged" and r["group_size"] >= 2 for r in result["rounds"][:2]), result["rounds"]
     for name, tensor in load_file(work / "late-model" / "model.safetensors").items():
         assert torch.isfinite(tensor).all(), name
 
