@@ -61,6 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--matchmaking-time", type=float, default=5.0, help="min_matchmaking_time, s (default 5)")
     parser.add_argument("--request-timeout", type=float, default=3.0, help="request_timeout, s (default 3)")
     parser.add_argument("--part-size-bytes", type=parse_count, default=2**19, help="part_size_bytes (default 524288)")
+    parser.add_argument("--next-chunk-timeout", type=float, default=60.0, help="next_chunk_timeout, s (default 60)")
     parser.add_argument("--join-timeout", type=float, default=120.0, help="seconds to wait for peers to start")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--toy", action="store_true", help="smoke-test size: 2 peers, 100k values, blockwise8, 1 round")
@@ -69,7 +70,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.toy:
         args.peers, args.values, args.codec, args.rounds = 2, [100_000], args.codec or ["blockwise8"], 1
         args.matchmaking_time, args.request_timeout = 1.0, 1.0
-    if not 2 <= args.peers <= 16 or args.rounds < 1 or args.matchmaking_time <= 0 or args.request_timeout <= 0:
+    if (not 2 <= args.peers <= 16 or args.rounds < 1 or args.matchmaking_time <= 0 or args.request_timeout <= 0
+            or args.next_chunk_timeout <= 0):
         parser.error("--peers must be 2..16, --rounds >= 1, timeouts positive")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json {args.json}: its directory does not exist")
@@ -81,16 +83,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def start_peers(wan: Wan, args: argparse.Namespace, values: int, codec: str, workdir: Path) -> None:
+    """All at once (their imports take seconds); peers 1.. wait for peer 0's address file to join its DHT."""
     common = ["--peers", str(args.peers), "--workdir", str(workdir), "--values", str(values), "--codec", codec,
               "--rounds", str(args.rounds), "--matchmaking-time", str(args.matchmaking_time),
-              "--request-timeout", str(args.request_timeout), "--part-size-bytes", str(args.part_size_bytes)]
-    initial: list[str] = []
+              "--request-timeout", str(args.request_timeout), "--part-size-bytes", str(args.part_size_bytes),
+              "--next-chunk-timeout", str(args.next_chunk_timeout)]
     for i in range(args.peers):
+        join = ["--initial-peer-file", str(workdir / "addr-0")] if i else []
         argv = [sys.executable, "-m", "benchmarks.averaging_peer", "--index", str(i), "--address", wan.address(i),
-                "--iface", wan.iface(i), *common, *[x for a in initial for x in ("--initial-peer", a)]]
+                "--iface", wan.iface(i), *common, *join]
         wan.popen(i, argv, log=workdir / f"peer-{i}.log")
-        if i == 0:
-            initial = wait_for(workdir, ["addr-0"], wan, args.join_timeout)[0].split()
 
 
 def wait_for(workdir: Path, names: list[str], wan: Wan, timeout: float) -> list[str]:
@@ -153,7 +155,8 @@ def run_config(args: argparse.Namespace, rate: float, values: int, codec: str) -
                                  args.join_timeout + 60 + values * 40 / (rate * 1e6 / 8))
                 row = dict(rate_mbit=rate, values=values, codec=codec, peers=args.peers, round=r,
                            process_groups=[proc.pid for proc in wan.procs],
-                           part_size_bytes=args.part_size_bytes, matchmaking_time=args.matchmaking_time,
+                           part_size_bytes=args.part_size_bytes, next_chunk_timeout=args.next_chunk_timeout,
+                           matchmaking_time=args.matchmaking_time,
                            request_timeout=args.request_timeout)
                 row.update(summarize([json.loads(t) for t in texts], peers=args.peers, values=values, rate_mbit=rate))
                 row["hivemind_warnings"] = hivemind_warnings(workdir, args.peers)

@@ -42,6 +42,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--codec", required=True)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--initial-peer", action="append", default=[])
+    parser.add_argument("--initial-peer-file", help="wait for this file and use its multiaddrs as initial peers")
     parser.add_argument("--matchmaking-time", type=float, default=5.0)
     parser.add_argument("--request-timeout", type=float, default=3.0)
     parser.add_argument("--part-size-bytes", type=int, default=2**19)
@@ -141,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
     codec.extract(codec.compress(warm_up, CompressionInfo.from_tensor(warm_up)))
     codec_counters = WireCounters()
     install_wire_counters(codec_counters)
+    if args.initial_peer_file:  # started together with peer 0, so the imports above ran in parallel
+        args.initial_peer += wait_file(Path(args.initial_peer_file), args.round_timeout).split()
     dht = hivemind.DHT(initial_peers=args.initial_peer, host_maddrs=[f"/ip4/{args.address}/tcp/0"],
                        client_mode=False, start=True)
     averager = None

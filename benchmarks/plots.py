@@ -67,10 +67,11 @@ def plot_training(rows: list[dict], out: Path) -> Path:
     for row in rows:
         if row.get("curve"):
             times, losses = zip(*row["curve"])
-            ax.plot(times, losses, marker=".", label=row["variant"])
+            tuned = " + " + ", ".join(o.split(".")[-1] for o in row["overrides"]) if row.get("overrides") else ""
+            ax.plot(times, losses, marker=".", label=row["variant"] + tuned)
     ax.set(xlabel="wall time since the first step (s)", ylabel="training loss (mean of trainers)",
            title="configs/tiny.yaml, 4 trainers, 20 Mbit/s links")
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
     path = out / "loss_vs_wall_time.png"
     fig.tight_layout()

@@ -208,14 +208,18 @@ def test_intruders_cannot_read_the_dht_average_or_download_state(swarm):
     member = probes.pop("member")  # the control: the same probes work for a member
     assert member["config"] and member["state_messages"] > 0, member
     assert member["join"] not in ("PROTOCOL_VIOLATION", "ACCEPTED") and member["part"] != "PROTOCOL_VIOLATION", member
-    for mode, probe in probes.items():
-        assert probe == dict(config=False, join="PROTOCOL_VIOLATION", part="PROTOCOL_VIOLATION", state_messages=0), \
-            (mode, probe)
     logs = procs.log("seed") + procs.log("alice")
+    assert f"from peer {member['peer_id']}" not in logs
+    for mode, probe in probes.items():
+        peer = probe.pop("peer_id")
+        # hivemind may hang up before the refusal of a part reaches the sender: the log line is the outcome
+        assert probe.pop("part") in ("PROTOCOL_VIOLATION", "no answer (TimeoutError)", "no answer (BrokenPipeError)",
+                                     "no answer (StopAsyncIteration)"), (mode, probe)
+        assert probe == dict(config=False, join="PROTOCOL_VIOLATION", state_messages=0), (mode, probe)
+        for what in ("a request to join an averaging group", "an all-reduce part", "a state download"):
+            assert f"Refused {what} from peer {peer}: it has no valid access token" in logs, (mode, what)
     for refusal in ("a DHT request from a peer: no access token", "from peer 'eve': token 'eve' expired at",
-                    "from peer 'mallory': token 'mallory' is not signed by this swarm's key",
-                    "Refused a request to join an averaging group from peer", "Refused an all-reduce part from peer",
-                    "Refused a state download from peer"):
+                    "from peer 'mallory': token 'mallory' is not signed by this swarm's key"):
         assert refusal in logs, refusal
     assert alice and procs.procs["alice"].poll() is None  # and alice trains on
 
@@ -253,7 +257,7 @@ def probe_averagers(dht, target: str, run_id: str) -> dict:
             await answered.wait()
 
         try:  # hivemind holds a member's part for an unknown group until its next group forms
-            reply = await asyncio.wait_for(anext(await grad.rpc_aggregate_part(parts())), timeout=10)
+            reply = await asyncio.wait_for(anext(await grad.rpc_aggregate_part(parts())), timeout=5)
             part = averaging_pb2.MessageCode.Name(reply.code)
         except Exception as error:
             part = f"no answer ({type(error).__name__})"
@@ -315,7 +319,8 @@ def intrude(argv: list[str]) -> int:
             if mode == "member":
                 access.publish_membership(dht, member)
             found = dht.get(records.CONFIG_KEY, latest=True)
-            results[mode] = dict(config=found is not None, **probe_averagers(dht, args.target, args.run_id))
+            results[mode] = dict(config=found is not None, peer_id=dht.peer_id.to_base58(),
+                                 **probe_averagers(dht, args.target, args.run_id))
             assert identity is None or dht.peer_id == PeerID.from_identity(identity)
         finally:
             dht.shutdown()
