@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import InvalidStateError
 import math
 import random
 from typing import Any, Callable, Sequence
@@ -82,7 +83,12 @@ class _VerifiedDownload(DecentralizedAverager):
             future = MPFuture()
             self._outer_pipe.send(("_download_state_from", [], dict(future=future, timeout=timeout,
                                                                      refused=list(refused))))
-            result = future.result()
+            try:
+                result = future.result(timeout=timeout)
+            except TimeoutError:
+                logger.warning("No state arrived within %s s; keeping this peer's own state for now", timeout)
+                future.cancel()
+                return None
             if result is None:
                 return None
             donor, metadata, tensors = result
@@ -105,11 +111,10 @@ class _VerifiedDownload(DecentralizedAverager):
                     logger.warning("Could not download the state from %s: %s", peer, repr(error)[:200])
                     continue
                 if metadata is not None:
-                    future.set_result((peer.to_bytes(), metadata, tensors))
+                    _settle(future, (peer.to_bytes(), metadata, tensors))
                     return
         finally:
-            if not future.done():
-                future.set_result(None)
+            _settle(future, None)
 
     async def _donors(self, refused: list[bytes]) -> list[PeerID]:
         key = f"{self._matchmaking.group_key_manager.prefix}_donors"
@@ -140,6 +145,15 @@ class _VerifiedDownload(DecentralizedAverager):
         if parts:
             tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
         return metadata, tensors
+
+
+def _settle(future: MPFuture, result: Any) -> None:
+    """Set the result unless the caller already gave up (timed out) or it is set."""
+    if not future.done():
+        try:
+            future.set_result(result)
+        except InvalidStateError:
+            pass
 
 
 def _donor(subkey: object, value: object) -> tuple[float, PeerID] | None:
