@@ -8,6 +8,9 @@ samples or throughput made them step at once. ``BoundedProgressTracker`` reads t
 - an epoch more than one step ahead of this peer is believed only when at least two peers claim it; when there is
   only one other peer, only as far ahead as the time since our own step began allows (a step takes at least one
   matchmaking), so a peer that was paused catches up and a claim of step 10**12 does not move anyone;
+- a peer whose claims are beyond belief (such an epoch, over ABSURD_BATCHES target batches of samples, or a
+  throughput ABSURD_RATE times the bound below) is ignored altogether for DISTRUST_SECONDS: its claimed samples
+  must not count toward our step either;
 - each peer's throughput counts at most ``RATE_FACTOR`` times the median throughput of the swarm;
 - each peer's accumulated samples count at most the target batch, and at most what its bounded throughput could
   have produced since this step began (plus the refresh slack).
@@ -28,6 +31,11 @@ logger = logging.getLogger(__name__)
 
 RATE_FACTOR = 4.0  # a peer may be this many times faster than the median before its throughput claim is cut
 QUORUM_AHEAD = 2  # peers that must claim an epoch more than one step ahead of ours before we believe it
+# Claims beyond these make a peer's whole record ignored for DISTRUST_SECONDS (not merely bounded): an honest peer
+# stops accumulating at about one target batch, and is never thousands of times faster than the bounded rate.
+ABSURD_BATCHES = 4
+ABSURD_RATE = 1000.0
+DISTRUST_SECONDS = 600.0
 
 
 class BoundedProgressTracker(ProgressTracker):
@@ -36,6 +44,7 @@ class BoundedProgressTracker(ProgressTracker):
         self._epoch_began = get_dht_time()
         self._epoch_of_begin = 0
         self._warned: set[tuple[bytes, str]] = set()
+        self._distrusted: dict[bytes, float] = {}  # peer id -> until when its records are ignored
         super().__init__(*args, **kwargs)
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
@@ -61,11 +70,18 @@ class BoundedProgressTracker(ProgressTracker):
         rates = [peer.samples_per_second for _, peer in entries.values()] + [self.performance_ema.samples_per_second]
         max_rate = RATE_FACTOR * max(statistics.median(rates), self.performance_ema.samples_per_second, 1e-3)
         elapsed = max(0.0, get_dht_time() - self._epoch_began) + self.max_refresh_period + 1.0
-        bounded = {}
+        bounded, now = {}, get_dht_time()
         for subkey, (item, peer) in entries.items():
+            if self._distrusted.get(peer.peer_id, 0.0) > now:
+                continue
+            absurd = {name: getattr(peer, name) for name, too_much in (
+                ("epoch", peer.epoch > believed),
+                ("samples_accumulated", peer.samples_accumulated > ABSURD_BATCHES * self.target_batch_size),
+                ("samples_per_second", peer.samples_per_second > ABSURD_RATE * max_rate)) if too_much}
+            if absurd:  # a peer caught lying this far is not believed at all for a while
+                self._distrust(peer.peer_id, absurd)
+                continue
             changes = {}
-            if peer.epoch > believed:
-                changes["epoch"] = self.local_progress.epoch  # its samples then count toward no step ahead of us
             if peer.samples_per_second > max_rate:
                 changes["samples_per_second"] = max_rate
             max_samples = min(self.target_batch_size, int(max_rate * elapsed))
@@ -78,6 +94,14 @@ class BoundedProgressTracker(ProgressTracker):
                 item = type(item)(peer.copy(update=changes).dict(), item.expiration_time)
             bounded[subkey] = item
         return bounded
+
+    def _distrust(self, peer_id: bytes, claims: dict) -> None:
+        if len(self._distrusted) >= 10_000:  # bounded: forget the oldest verdicts first
+            self._distrusted.pop(next(iter(self._distrusted)))
+        if peer_id not in self._distrusted:
+            logger.warning("Ignoring peer %s's progress for %.0f s: implausible claims %s", _short_id(peer_id),
+                           DISTRUST_SECONDS, claims)
+        self._distrusted[peer_id] = get_dht_time() + DISTRUST_SECONDS
 
     def _believed_epoch(self, peers: list[LocalTrainingProgress]) -> int:
         """The largest epoch we believe: ours + 1 from anyone (the first peer to finish a step is one ahead for a
@@ -100,7 +124,7 @@ class BoundedProgressTracker(ProgressTracker):
         if not new or len(self._warned) > 10_000:
             return
         self._warned.update((peer_id, name) for name in new)
-        logger.warning("Ignoring implausible progress claims of peer %s: %s (bounded to %s)", _short_id(peer_id),
+        logger.warning("Bounding the progress claims of peer %s: %s (to %s)", _short_id(peer_id),
                        {name: getattr(peer, name) for name in new}, {name: changes[name] for name in new})
 
 

@@ -98,3 +98,63 @@ def test_the_digest_is_the_same_on_every_peer():
     params, _, _ = make_state()
     assert state_digest(params) == state_digest([p.clone() for p in params])
     assert len(state_digest(params)) == 64
+
+
+def tracker(own_epoch: int = 5, target: int = 96, own_rate: float = 10.0):
+    """A BoundedProgressTracker's reading logic without its DHT and thread."""
+    import threading
+    import types
+
+    from hivemind.optim.progress_tracker import LocalTrainingProgress
+    from hivemind.utils import get_dht_time
+    from swarm.tracker import BoundedProgressTracker
+
+    t = BoundedProgressTracker.__new__(BoundedProgressTracker)
+    threading.Thread.__init__(t, daemon=True)  # never started
+    t.target_batch_size, t.max_refresh_period, t.min_step_seconds = target, 1.0, 3.0
+    t._epoch_began, t._epoch_of_begin, t._warned, t._distrusted = get_dht_time() - 10, own_epoch, set(), {}
+    t.performance_ema = types.SimpleNamespace(samples_per_second=own_rate)
+    t.dht = types.SimpleNamespace(peer_id=types.SimpleNamespace(to_bytes=lambda: b"me"))
+    t.local_progress = LocalTrainingProgress(peer_id=b"me", epoch=own_epoch, samples_accumulated=0,
+                                             samples_per_second=own_rate, time=get_dht_time(), client_mode=False)
+    return t
+
+
+def records(*claims):
+    from hivemind.optim.progress_tracker import LocalTrainingProgress
+    from hivemind.utils import ValueWithExpiration, get_dht_time
+
+    return {f"peer-{i}".encode(): ValueWithExpiration(LocalTrainingProgress(
+        peer_id=f"peer-{i}".encode(), epoch=epoch, samples_accumulated=samples, samples_per_second=rate,
+        time=get_dht_time(), client_mode=False).dict(), get_dht_time() + 30)
+        for i, (epoch, samples, rate) in enumerate(claims)}
+
+
+def test_a_liar_is_ignored_and_honest_peers_are_kept():
+    t = tracker()
+    kept = t._bounded(records((5, 40, 10.0), (6, 0, 10.0), (10**12, 10**15, 1e15)))
+    assert sorted(kept) == [b"peer-0", b"peer-1"]  # one step ahead is fine; the liar is dropped
+    assert sorted(t._bounded(records((5, 40, 10.0), (6, 0, 10.0), (5, 10, 10.0)))) == [b"peer-0", b"peer-1"]
+    assert t._distrusted  # and stays ignored even once it claims plausible things
+
+
+def test_claims_far_ahead_need_two_peers_or_time():
+    assert tracker()._believed_epoch([_claim(20), _claim(20, b"b")]) == 20
+    assert tracker()._believed_epoch([_claim(20), _claim(5, b"b")]) == 6  # a lone claim among several peers
+    assert tracker()._believed_epoch([_claim(20)]) == 5 + 1 + 3  # alone: as far as 10 s of 3 s steps allow
+
+
+def test_fast_claims_are_bounded():
+    t = tracker()
+    (item,) = t._bounded(records((5, 96, 35.0))).values()  # 3.5x our rate: kept as it is
+    assert item.value["samples_per_second"] == 35.0
+    bounded = t._bounded(records((5, 40, 10.0), (5, 40, 10.0), (5, 300, 500.0)))  # 50x the median of 10
+    assert bounded[b"peer-2"].value["samples_per_second"] == 40.0  # 4x the median
+    assert bounded[b"peer-2"].value["samples_accumulated"] == 96  # at most the target batch
+
+
+def _claim(epoch: int, peer: bytes = b"a"):
+    from hivemind.optim.progress_tracker import LocalTrainingProgress
+
+    return LocalTrainingProgress(peer_id=peer, epoch=epoch, samples_accumulated=0, samples_per_second=1.0,
+                                 time=0.0, client_mode=False)
