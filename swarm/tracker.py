@@ -84,7 +84,8 @@ class BoundedProgressTracker(ProgressTracker):
             changes = {}
             if peer.samples_per_second > max_rate:
                 changes["samples_per_second"] = max_rate
-            max_samples = min(self.target_batch_size, int(max_rate * elapsed))
+            # (at least an eighth of the target: early on our own rate estimate is still low)
+            max_samples = min(self.target_batch_size, max(int(max_rate * elapsed), self.target_batch_size // 8))
             if peer.samples_accumulated > max_samples:
                 changes["samples_accumulated"] = max_samples
             if peer.time > get_dht_time() + 5.0:

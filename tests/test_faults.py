@@ -127,7 +127,9 @@ def test_the_others_keep_training_and_averaging(killed_swarm):
     rounds = result["rounds"]
     # the round in flight when two of four peers vanished may fail or go partial; then the two survivors
     # go on averaging together
-    assert all(r["outcome"] == "averaged" and r["group_size"] >= 2 for r in rounds[-3:]), rounds
+    # (a round may come back partial on a loaded machine: hivemind then used some of the peer's parts)
+    assert all(r["outcome"] in ("averaged", "partial") and r["group_size"] >= 2 for r in rounds[-3:]), rounds
+    assert sum(r["outcome"] == "averaged" for r in rounds[-3:]) >= 2, rounds
     assert report(work, "trainer-1")["final_step"] >= result["final_step"]
 
 
