@@ -8,8 +8,8 @@
   list itself as another peer in the donor registry, to write hivemind's unsigned donor registry, NaN / huge /
   far-future records of its own, and signs a competing config for the same run; writes what the DHT accepted
   to ``--out`` (JSON).
-- ``--serve-foreign-state``: once the swarm has made a step, offers a state of the right shapes but of another model
-  (another init seed) at the swarm's current step, with the highest plausible priority, so joiners try it first.
+- ``--serve-foreign-state``: offers a state of the right shapes but of another model (another init seed) at the
+  swarm's current step, with the highest plausible priority, so joiners try it first.
 
 It runs until SIGTERM/SIGINT.
 """
@@ -118,9 +118,7 @@ def main(argv=None) -> int:
         if args.lie_progress:
             threading.Thread(target=lie_about_progress, args=(dht, run_id, own, stop), daemon=True).start()
         result = dict(peer_id=dht.peer_id.to_base58())
-        if args.serve_foreign_state:  # once the swarm has made a step: joiners, not the first trainers, are the prey
-            while not stop.is_set() and max((r.step for r in read_trainer_records(dht, run_id).values()), default=0) < 1:
-                stop.wait(1.0)
+        if args.serve_foreign_state:
             averager = serve_foreign_state(dht, key, config)
             threading.Thread(target=_keep_claiming, args=(averager, dht, run_id, stop), daemon=True).start()
         if args.forge:

@@ -1,10 +1,5 @@
 """A real swarm on 127.0.0.1: a seed, three trainers, then the seed leaves and a late joiner comes in through a
-trainer's address. One swarm serves several assertions, because each one costs a minute of CPU on 2 cores.
-
-A malicious peer (tests/adversary.py) is in the swarm from the start: it lies about its progress (step 10**12,
-absurd samples and throughput), tries to forge others' records, the config and the state-donor registry, signs a
-rival config for the same run, and offers joiners the state of another model at the swarm's step. Everything
-below must hold all the same; the test_adversary_* tests check that each attack was refused."""
+trainer's address. One swarm serves several assertions, because each one costs a minute of CPU on 2 cores."""
 
 from __future__ import annotations
 
@@ -17,7 +12,6 @@ import urllib.parse
 import urllib.request
 import re
 import signal
-import sys
 from pathlib import Path
 
 import hivemind
@@ -27,7 +21,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, TINY, PeerProcesses, swarm_cli
+from conftest import TINY, PeerProcesses, swarm_cli
 from monitor.dashboard import dashboard_queries
 from swarm import records
 from swarm.progress import read_trainer_records
@@ -44,9 +38,6 @@ def swarm_run(tmp_path_factory):
     try:
         procs.start("seed", "seed", "--config", TINY, "--addr-file", str(work / "seed.addr"))
         seed_addrs = procs.wait_file(work / "seed.addr", "seed")
-        procs.start_program("adversary", [sys.executable, str(ROOT / "tests" / "adversary.py"), *seed_addrs,
-                                          "--out", str(work / "adversary.json"), "--lie-progress", "--forge",
-                                          "--serve-foreign-state"])
         for i in range(3):
             procs.start(f"trainer-{i}", "join", *seed_addrs, "--max-steps", str(STEPS), "--wait-for-peers", "3",
                         "--report-json", str(work / f"trainer-{i}.json"), "--save-model", str(work / f"model-{i}"),
@@ -71,7 +62,6 @@ def swarm_run(tmp_path_factory):
         dashboard = query_dashboard(prometheus) if prometheus else None
         codes = {name: procs.wait(name, 300) for name in ["trainer-0", "trainer-1", "trainer-2", "late"]}
         final_exposition = scrape(monitor_url)
-        procs.wait_file(work / "adversary.json", "adversary", timeout=60)
         procs.stop("monitor")
         assert procs.wait("monitor", 90) == 0, procs.log("monitor")[-3000:]
         yield work, procs, codes, metrics, status, exposition, final_exposition, dashboard
@@ -173,10 +163,8 @@ def test_every_step_averaged_by_at_least_two_peers(swarm_run):
         for round_ in result["rounds"]:
             by_step.setdefault(round_["step"], []).append(round_)
         outcomes = [r["outcome"] for r in result["rounds"]]
-        # a trainer that starts a moment late may miss step 0 and catch up, and one slowed down by the loaded CPU
-        # (6 processes of peers on 2 cores, the adversary's included) may fall behind once and download its peers'
-        # state; every other step it averages, and every global step is averaged by at least two (below)
-        assert outcomes.count("averaged") >= STEPS - 2, f"{name}: {result['rounds']}"
+        # a trainer that starts a moment late may miss step 0 and catch up; after that it averages every step
+        assert outcomes.count("averaged") >= STEPS - 1, f"{name}: {result['rounds']}"
         assert "partial" not in outcomes and "failed" not in outcomes, f"{name}: {result['rounds']}"
     for step in range(STEPS):
         averaged = [r for r in by_step.get(step, []) if r["outcome"] == "averaged" and r["group_size"] >= 2]
@@ -338,60 +326,3 @@ def test_no_helper_process_outlives_the_swarm(swarm_run):
     work, procs, *_ = swarm_run
     procs.close()
     assert not procs.leftovers(), [p.cmdline() for p in procs.leftovers()]
-
-
-# --- the adversary's attacks (see the module docstring) ---
-
-LR, WARMUP, TOTAL = 1e-3, 3, 1000  # configs/tiny.yaml
-
-
-def scheduled_lr(step: int) -> float:
-    if step < WARMUP:
-        return LR * (step + 1) / (WARMUP + 1)
-    progress = min(1.0, (step - WARMUP) / (TOTAL - WARMUP))
-    return LR * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def adversary(work: Path) -> dict:
-    return json.loads((work / "adversary.json").read_text())
-
-
-@pytest.mark.parametrize("name", ["trainer-0", "trainer-1", "trainer-2"])
-def test_adversary_lying_progress_moves_no_one_ahead(swarm_run, name):
-    work, procs, *_ = swarm_run
-    result = json.loads((work / f"{name}.json").read_text())
-    assert result["start_step"] == 0 and result["final_step"] == STEPS, result
-    # (a trainer slowed down by the shared CPU may fall behind its honest peers and download their state: that is
-    # catching up, never a jump toward the liar's step)
-    steps = [r["step"] for r in result["rounds"]] + [int(step) for step in result["losses"]]
-    assert max(steps) < STEPS, result["rounds"]
-    assert result["lr"] == pytest.approx(scheduled_lr(STEPS), rel=1e-6)  # the schedule follows the real step
-    assert re.search(r"Ignoring peer \w+'s progress for 600 s: implausible claims .*'epoch': 1000000000000",
-                     procs.log(name))
-
-
-def test_adversary_forgeries_are_refused(swarm_run):
-    work, *_ = swarm_run
-    attempts = adversary(work)["attempts"]
-    refused = {name: ok for name, ok in attempts.items() if name != "rival_config"}
-    assert not any(refused.values()), attempts
-    assert adversary(work)["victim_step_after"] != 10**6
-
-
-def test_adversary_rival_config_is_not_followed(swarm_run):
-    work, procs, *_ = swarm_run
-    assert adversary(work)["attempts"]["rival_config"]  # anyone may sign a config: it is the choice that matters
-    seed_fingerprint = re.search(r"is up \(config (\w+)\)", procs.log("seed")).group(1)
-    joined = re.search(r"Joined swarm 'tiny' \(config (\w+)\)", procs.log("late")).group(1)
-    assert joined == seed_fingerprint
-    assert "keys sign a config for run 'tiny'" in procs.log("late")
-
-
-def test_adversary_foreign_state_is_refused_by_joiners_and_the_monitor(swarm_run):
-    work, procs, *_ = swarm_run
-    refusal = rf"Refusing the state served by peer {adversary(work)['peer_id']}: its parameters differ"
-    assert re.search(refusal, procs.log("late")), procs.log("late")[-3000:]
-    assert re.search(refusal, procs.log("monitor")), procs.log("monitor")[-3000:]
-    late = json.loads((work / "late.json").read_text())
-    # in sync within one global step: its first or second round is averaged with the swarm (issue 4, item 3)
-    assert any(r["outcome"] == "averaged" and r["group_size"] >= 2 for r in late["rounds"][:2]), late["rounds"]
