@@ -44,7 +44,7 @@ def attacked_swarm(tmp_path_factory):
                     "--addr-file", str(work / "monitor.url"))
         url = procs.wait_file(work / "monitor.url", "monitor")[0]
         wait_for_step(procs, "trainer-0", 1)  # the joiner takes a while to start: it downloads a few steps later
-        procs.start("late", "join", *addrs, "--max-steps", "2", "--report-json", str(work / "late.json"),
+        procs.start("late", "join", *addrs, "--max-steps", "4", "--report-json", str(work / "late.json"),
                     "--save-model", str(work / "late-model"))
         codes = {name: procs.wait(name, 300) for name in ("trainer-0", "late")}
         metrics = scrape(url)
