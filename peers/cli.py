@@ -27,16 +27,27 @@ ROLES = {
 
 
 def role(name: str):
-    """Roles are imported on demand: the seed and demo need no transformers, and start faster without."""
+    """Roles are imported on demand: the seed, monitor and status need no transformers or bitsandbytes."""
     return importlib.import_module(f"peers.{name}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is not an option), if it is one."""
+    words = [word for word in argv if not word.startswith("-")]
+    return words[0] if words and words[0] in ROLES else None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI, with ``command``'s options in full. Only that role's module is imported: a role brings its
+    stack (torch, hivemind, transformers), which takes seconds to import."""
     parser = argparse.ArgumentParser(prog="swarm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, including hivemind's")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, summary in ROLES.items():
+        if name != command:
+            commands.add_parser(name, help=summary)  # `swarm --help` lists it; `swarm NAME` builds it in full
+            continue
         module = role(name)
         sub = commands.add_parser(name, help=summary, description=module.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(chosen_command(argv))
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     module = role(args.command)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 
-from conftest import TINY, swarm_cli
+from conftest import ROOT, TINY, swarm_cli
 
 FAKE_PEER = "/ip4/127.0.0.1/tcp/{port}/p2p/QmXbWuVnPxYeSy3nnKxPfFd52qUDeK1fFsqH8bX9TaJRJK"
 
@@ -28,6 +30,16 @@ def test_help(command):
     assert "usage: swarm" in result.stdout
     if command:
         assert "--" in result.stdout and len(result.stdout.splitlines()) > 5
+
+
+def test_monitor_and_status_import_no_training_stack():
+    """Only the chosen role is imported: watching a swarm needs neither transformers nor bitsandbytes."""
+    probe = ("import sys; from peers.cli import build_parser; "
+             "build_parser('monitor').parse_args(['monitor', 'x']); build_parser('status'); "
+             "print(sorted({'transformers', 'bitsandbytes'} & {m.split('.')[0] for m in sys.modules}))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_no_command_is_a_usage_error():

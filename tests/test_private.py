@@ -32,10 +32,10 @@ PROBE_MODES = ("member", "none", "expired", "stranger")
 
 def swarm_in_process(*argv: str) -> int:
     """Parse and run a subcommand like ``swarm ARGV`` in this process (no signal handlers, no logging set-up)."""
-    from peers.cli import build_parser, role
+    from peers.cli import build_parser, chosen_command, role
     from peers.common import run_entry
 
-    args = build_parser().parse_args(list(argv))
+    args = build_parser(chosen_command(list(argv))).parse_args(list(argv))
     return run_entry(lambda: role(args.command).run(args, threading.Event()))
 
 
