@@ -105,6 +105,9 @@ def check_port_free(host: str, port: int) -> None:
             raise SwarmError(f"cannot listen on {host}:{port}: {error.strerror}; check --host/--port") from None
 
 
+BLACKLIST_SECONDS = 3.0
+
+
 def host_maddrs(host: str, port: int) -> list[str]:
     proto = "ip6" if ":" in host else "ip4"
     return [f"/{proto}/{host}/tcp/{port}"]
@@ -139,6 +142,11 @@ def start_dht(
                 client_mode=client_mode,
                 record_validators=validators,
                 authorizer=authorizer,
+                # hivemind bans a peer that does not answer for 5 s, doubling on each failure: after a 30 s
+                # outage peers kept ignoring each other for tens of seconds once the link was back. A short,
+                # constant ban keeps dead peers out of lookups and lets a healed one back within seconds.
+                blacklist_time=BLACKLIST_SECONDS,
+                backoff_rate=1.0,
                 start=True,
             )
         except Exception as error:  # p2pd reports unreachable bootstrap peers as a generic daemon error

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from functools import partial
 from typing import Iterable
 
@@ -27,6 +28,7 @@ from swarm.state import check_downloads, verified_state_averager
 from swarm.tracker import BoundedProgressTracker
 
 logger = logging.getLogger(__name__)
+FALLBACK_RETRY_SECONDS = 30.0  # after failing to fetch the swarm's state, a peer alone ahead waits this long
 
 
 class SwarmOptimizer(hivemind.Optimizer):
@@ -38,6 +40,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._partial_seen = partial_watch.count
         self._recorded_epoch = -1
         self._joined = False
+        self._fallback_retry_at = 0.0
         super().__init__(**kwargs)
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
@@ -68,12 +71,34 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._partial_seen = self.partial_watch.count
         self.round_log.record(Round(step=step, outcome=outcome, group_size=group_size, reason=reason))
 
+    def _should_load_state_from_peers(self) -> bool:
+        if self._ran_ahead_alone() is not None:
+            return True
+        return super()._should_load_state_from_peers()
+
+    def _ran_ahead_alone(self) -> int | None:
+        """The step the swarm is at, when this peer stepped alone past it (its peers do not follow a lone peer:
+        see BoundedProgressTracker) and has not just failed to fetch the swarm's state."""
+        majority = getattr(self.tracker, "majority_step", None)
+        if majority is None or majority >= self.local_epoch - 1 or time.monotonic() < self._fallback_retry_at:
+            return None
+        return majority
+
     def load_state_from_peers(self, **kwargs) -> None:
-        behind_at = self.local_epoch
+        behind_at, majority = self.local_epoch, self._ran_ahead_alone()
+        if majority is not None:
+            logger.warning("This peer stepped alone to step %d while the swarm is at step %d; taking the swarm's "
+                           "state", behind_at, majority)
+            self.state_averager.local_epoch = majority  # (hivemind refuses a state older than our own epoch)
         super().load_state_from_peers(**kwargs)
-        if self._joined:  # mid-run: this peer fell behind, and the gradients it accumulated were dropped
-            self._record("skipped", 1, f"fell behind the swarm; downloaded its state at step {self.local_epoch}",
-                         step=behind_at)
+        if majority is not None and self.state_averager.loaded_from is None:  # no verified state: keep ours
+            self.state_averager.local_epoch = behind_at
+            self.tracker.report_local_progress(local_epoch=behind_at, samples_accumulated=0)
+            self._fallback_retry_at = time.monotonic() + FALLBACK_RETRY_SECONDS
+            return
+        if self._joined:  # mid-run: the gradients this peer accumulated were dropped
+            where = "ran ahead of the swarm alone" if majority is not None else "fell behind the swarm"
+            self._record("skipped", 1, f"{where}; downloaded its state at step {self.local_epoch}", step=behind_at)
         self._joined = True
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:

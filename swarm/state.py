@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 DIGEST_TOLERANCE = 0.5
 DIGEST_STEPS = 2
 INITIAL_TOLERANCE = 1e-4  # a state at step 0 must be the config's own initial model
+DONOR_LOOKUP_SECONDS = 15.0  # reading the donor registry from the DHT; a download then has its own timeouts
 MAX_DONORS_TRIED = 8
 
 Check = Callable[[dict, Sequence[torch.Tensor]], "str | None"]
@@ -55,6 +56,7 @@ class _VerifiedDownload(DecentralizedAverager):
     """Mixin placed between TrainingStateAverager and DecentralizedAverager in the MRO (see verified_state_averager)."""
 
     state_check: Check | None = None  # set by the owner in the parent process
+    loaded_from: bytes | None = None  # the donor of the last state that passed the check (None: none did)
     owner_subkey: bytes | None = None  # "[owner:<public key>]" of this peer's DHT key: signs its donor entry
 
     async def _declare_for_download_periodically(self):
@@ -79,6 +81,7 @@ class _VerifiedDownload(DecentralizedAverager):
         if not wait:
             raise ValueError("verified state downloads are synchronous")
         refused: list[bytes] = []
+        self.loaded_from = None
         for _ in range(MAX_DONORS_TRIED):
             future = MPFuture()
             self._outer_pipe.send(("_download_state_from", [], dict(future=future, timeout=timeout,
@@ -94,6 +97,7 @@ class _VerifiedDownload(DecentralizedAverager):
             donor, metadata, tensors = result
             problem = self.state_check(metadata, tensors) if self.state_check is not None else None
             if problem is None:
+                self.loaded_from = donor
                 return metadata, tensors
             logger.warning("Refusing the state served by peer %s: %s; trying another peer",
                            PeerID(donor).to_base58(), problem)
@@ -104,7 +108,12 @@ class _VerifiedDownload(DecentralizedAverager):
     async def _download_state_from(self, future: MPFuture, timeout: float | None, refused: list[bytes]):
         """Runs in the averager's process: the first donor (by priority, then at random) that serves a state."""
         try:
-            for peer in await self._donors(refused):
+            try:
+                donors = await asyncio.wait_for(self._donors(refused), DONOR_LOOKUP_SECONDS)
+            except asyncio.TimeoutError:
+                logger.warning("The state-donor registry did not answer within %.0f s", DONOR_LOOKUP_SECONDS)
+                return
+            for peer in donors:
                 try:
                     metadata, tensors = await self._download_from(peer, timeout)
                 except Exception as error:

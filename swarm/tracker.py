@@ -7,13 +7,19 @@ samples or throughput made them step at once. ``BoundedProgressTracker`` reads t
 
 - an epoch more than one step ahead of this peer is believed only when at least two peers claim it; when there is
   only one other peer, only as far ahead as the time since our own step began allows (a step takes at least one
-  matchmaking), so a peer that was paused catches up and a claim of step 10**12 does not move anyone;
-- a peer whose claims are beyond belief (such an epoch, over ABSURD_BATCHES target batches of samples, or a
-  throughput ABSURD_RATE times the bound below) is ignored altogether for DISTRUST_SECONDS: its claimed samples
-  must not count toward our step either;
+  matchmaking), so a peer that was paused catches up and a claim of step 10**12 does not move anyone. A record
+  with an epoch we do not believe is left out of that refresh: not followed, and its samples do not count;
+- a peer whose claims are beyond belief (an epoch ABSURD_STEPS past what we believe, over ABSURD_BATCHES target
+  batches of samples, or a throughput ABSURD_RATE times the bound below) is ignored altogether for
+  DISTRUST_SECONDS;
 - each peer's throughput counts at most ``RATE_FACTOR`` times the median throughput of the swarm;
 - each peer's accumulated samples count at most the target batch, and at most what its bounded throughput could
   have produced since this step began (plus the refresh slack).
+
+The other side of the first rule: an honest peer can run ahead alone (it started while the others were still
+loading, or it was cut off and stepped by itself). The others will not follow it, so it must come back to them:
+when at least QUORUM_AHEAD other peers claim steps and none is within one step of ours, ``majority_step`` names
+the step they support, and the optimizer downloads their state (see ``SwarmOptimizer``).
 
 Claims that are cut are logged once per peer and claim at WARNING. Not handled: a peer that claims exactly one step
 ahead at all times makes honest peers end each step early (smaller steps, never skipped ones).
@@ -36,6 +42,7 @@ QUORUM_AHEAD = 2  # peers that must claim an epoch more than one step ahead of o
 ABSURD_BATCHES = 4
 ABSURD_RATE = 1000.0
 DISTRUST_SECONDS = 600.0
+ABSURD_STEPS = 10_000  # an honest peer runs ahead by a few steps at most, never by thousands
 
 
 class BoundedProgressTracker(ProgressTracker):
@@ -45,6 +52,7 @@ class BoundedProgressTracker(ProgressTracker):
         self._epoch_of_begin = 0
         self._warned: set[tuple[bytes, str]] = set()
         self._distrusted: dict[bytes, float] = {}  # peer id -> until when its records are ignored
+        self.majority_step: int | None = None  # set while we are alone ahead of QUORUM_AHEAD peers (see above)
         super().__init__(*args, **kwargs)
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
@@ -75,11 +83,15 @@ class BoundedProgressTracker(ProgressTracker):
             if self._distrusted.get(peer.peer_id, 0.0) > now:
                 continue
             absurd = {name: getattr(peer, name) for name, too_much in (
-                ("epoch", peer.epoch > believed),
+                ("epoch", peer.epoch > believed + ABSURD_STEPS),
                 ("samples_accumulated", peer.samples_accumulated > ABSURD_BATCHES * self.target_batch_size),
                 ("samples_per_second", peer.samples_per_second > ABSURD_RATE * max_rate)) if too_much}
             if absurd:  # a peer caught lying this far is not believed at all for a while
                 self._distrust(peer.peer_id, absurd)
+                continue
+            if peer.epoch > believed:  # ahead of everyone else: not followed (it must come back to us)
+                self._warn_once(peer.peer_id, peer, {"epoch": believed}, "Not following peer %s: %s (beyond %s, "
+                                "the step other peers support)")
                 continue
             changes = {}
             if peer.samples_per_second > max_rate:
@@ -110,8 +122,11 @@ class BoundedProgressTracker(ProgressTracker):
         own = self.local_progress.epoch
         claims = sorted((p.epoch for p in peers if not p.client_mode and p.peer_id != self.dht.peer_id.to_bytes()),
                         reverse=True)
+        self.majority_step = None
         if len(claims) >= QUORUM_AHEAD:
             supported = claims[QUORUM_AHEAD - 1]
+            if claims[0] < own - 1:  # we ran ahead alone: the swarm is elsewhere
+                self.majority_step = supported
         elif claims:  # one other peer: believe it as far as the time since our step began allows
             elapsed = max(0.0, get_dht_time() - self._epoch_began)
             supported = min(claims[0], own + 1 + int(elapsed / self.min_step_seconds))
@@ -119,14 +134,15 @@ class BoundedProgressTracker(ProgressTracker):
             supported = own
         return max(own + 1, supported)
 
-    def _warn_once(self, peer_id: bytes, peer: LocalTrainingProgress, changes: dict) -> None:
+    def _warn_once(self, peer_id: bytes, peer: LocalTrainingProgress, changes: dict,
+                   message: str = "Bounding the progress claims of peer %s: %s (to %s)") -> None:
         """One WARNING per peer and claim (bounded memory: at most 10,000 entries)."""
         new = [name for name in changes if (peer_id, name) not in self._warned]
         if not new or len(self._warned) > 10_000:
             return
         self._warned.update((peer_id, name) for name in new)
-        logger.warning("Bounding the progress claims of peer %s: %s (to %s)", _short_id(peer_id),
-                       {name: getattr(peer, name) for name in new}, {name: changes[name] for name in new})
+        logger.warning(message, _short_id(peer_id), {name: getattr(peer, name) for name in new},
+                       {name: changes[name] for name in new})
 
 
 def _short_id(peer_id: bytes) -> str:

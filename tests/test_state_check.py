@@ -144,6 +144,24 @@ def test_claims_far_ahead_need_two_peers_or_time():
     assert tracker()._believed_epoch([_claim(20)]) == 5 + 1 + 3  # alone: as far as 10 s of 3 s steps allow
 
 
+def test_a_peer_ahead_alone_is_not_followed_nor_banned():
+    t = tracker()  # others at 5: a peer that stepped alone to 9 is left out, not distrusted (it may be honest)
+    assert sorted(t._bounded(records((5, 40, 10.0), (5, 10, 10.0), (9, 20, 10.0)))) == [b"peer-0", b"peer-1"]
+    assert not t._distrusted
+    assert sorted(t._bounded(records((5, 40, 10.0), (9, 0, 10.0), (9, 20, 10.0)))) == [b"peer-0", b"peer-1",
+                                                                                        b"peer-2"]  # two agree
+
+
+def test_a_peer_alone_ahead_learns_the_swarms_step():
+    t = tracker(own_epoch=12)
+    t._believed_epoch([_claim(3), _claim(2, b"b"), _claim(3, b"c")])
+    assert t.majority_step == 3  # we ran ahead: fall back to what two others support
+    t._believed_epoch([_claim(11), _claim(3, b"b"), _claim(3, b"c")])
+    assert t.majority_step is None  # a peer is with us: the normal rules apply
+    t._believed_epoch([_claim(3)])
+    assert t.majority_step is None  # one other peer is no majority
+
+
 def test_fast_claims_are_bounded():
     t = tracker()
     (item,) = t._bounded(records((5, 96, 35.0))).values()  # 3.5x our rate: kept as it is

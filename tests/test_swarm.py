@@ -26,7 +26,7 @@ from monitor.dashboard import dashboard_queries
 from swarm import records
 from swarm.progress import read_trainer_records
 
-STEPS = 14  # long enough for the late joiner (started at step 1) to start up and take 2 steps
+STEPS = 10  # trainer-0 and trainer-1; enough for 30 s of Prometheus scrapes and two checkpoints
 LATE_STEPS = 3
 CHECKPOINT_EVERY = 4
 
@@ -38,8 +38,9 @@ def swarm_run(tmp_path_factory):
     try:
         procs.start("seed", "seed", "--config", TINY, "--addr-file", str(work / "seed.addr"))
         seed_addrs = procs.wait_file(work / "seed.addr", "seed")
-        for i in range(3):
-            procs.start(f"trainer-{i}", "join", *seed_addrs, "--max-steps", str(STEPS), "--wait-for-peers", "3",
+        for i in range(3):  # trainer-2 trains on until the late joiner is done (a joiner can take a minute to
+            limit = ["--max-steps", str(STEPS)] if i < 2 else []  # start on a loaded machine)
+            procs.start(f"trainer-{i}", "join", *seed_addrs, *limit, "--wait-for-peers", "3",
                         "--report-json", str(work / f"trainer-{i}.json"), "--save-model", str(work / f"model-{i}"),
                         "--addr-file", str(work / f"trainer-{i}.addr"))
         procs.start("monitor", "monitor", *seed_addrs, "--metrics-port", "0", "--poll-period", "1",
@@ -60,7 +61,9 @@ def swarm_run(tmp_path_factory):
         if prometheus:
             wait_for_step(procs, "trainer-0", 9)  # about 30 s of scrapes: enough for the dashboard's [1m] rates
         dashboard = query_dashboard(prometheus) if prometheus else None
-        codes = {name: procs.wait(name, 300) for name in ["trainer-0", "trainer-1", "trainer-2", "late"]}
+        codes = {name: procs.wait(name, 300) for name in ["trainer-0", "trainer-1", "late"]}
+        procs.stop("trainer-2", signal.SIGINT)
+        codes["trainer-2"] = procs.wait("trainer-2", 60)
         final_exposition = scrape(monitor_url)
         procs.stop("monitor")
         assert procs.wait("monitor", 90) == 0, procs.log("monitor")[-3000:]
@@ -119,7 +122,8 @@ def query_dashboard(prometheus: str, patience: float = 90) -> dict[str, list]:
     answers, deadline = {}, time.monotonic() + patience
     while True:
         for _, expr in dashboard_queries():
-            if answers.get(expr):
+            if answers.get(expr) and not (expr.startswith("rate(") and all(
+                    float(r["value"][1]) == 0 for r in answers[expr])):  # (a young series may not have risen yet)
                 continue
             url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
             with urllib.request.urlopen(url, timeout=10) as response:
@@ -160,9 +164,10 @@ def test_every_step_averaged_by_at_least_two_peers(swarm_run):
     for name in ["trainer-0", "trainer-1", "trainer-2"]:
         result = report(work, name)
         assert result["final_step"] - result["start_step"] >= STEPS
-        for round_ in result["rounds"]:
+        rounds = [r for r in result["rounds"] if r["step"] < STEPS]  # (trainer-2 went on with the late joiner)
+        for round_ in rounds:
             by_step.setdefault(round_["step"], []).append(round_)
-        outcomes = [r["outcome"] for r in result["rounds"]]
+        outcomes = [r["outcome"] for r in rounds]
         # a trainer that starts a moment late may miss step 0 and catch up; after that it averages every step
         assert outcomes.count("averaged") >= STEPS - 1, f"{name}: {result['rounds']}"
         # (on a loaded machine hivemind may return one round partly averaged: "received 9x% results")
@@ -182,7 +187,7 @@ def test_gradients_travel_as_8_bit(swarm_run):
 
 def test_parameters_agree_after_state_averaging(swarm_run):
     work, *_ = swarm_run
-    models = [load_file(work / f"model-{i}" / "model.safetensors") for i in range(3)]
+    models = [load_file(work / f"model-{i}" / "model.safetensors") for i in range(2)]  # (trainer-2 went on)
     reference = models[0]
     for other in models[1:]:
         assert other.keys() == reference.keys()
@@ -198,10 +203,11 @@ def test_training_loss_falls(swarm_run):
     losses: dict[int, list[float]] = {}
     for i in range(3):
         for step, loss in report(work, f"trainer-{i}")["losses"].items():
-            losses.setdefault(int(step), []).append(loss)
-    steps = sorted(losses)
-    first, last = sum(losses[steps[0]]) / 3, sum(losses[steps[-1]]) / 3
-    assert last < first - 0.5, losses
+            if int(step) < STEPS:
+                losses.setdefault(int(step), []).append(loss)
+    means = [sum(losses[step]) / len(losses[step]) for step in sorted(losses)]
+    # (the median of the last three steps: one step's loss can spike, as Adam's can, for the whole swarm)
+    assert sorted(means[-3:])[1] < means[0] - 0.5, losses
 
 
 def test_late_joiner_downloads_state_through_a_trainer(swarm_run):

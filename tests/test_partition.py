@@ -1,0 +1,104 @@
+"""Partition and heal: each peer runs in a network namespace made here; one trainer's link is cut for CUT seconds
+and restored. The other two go on training; the cut one must rejoin and average with them again within two
+global steps of the swarm's step when its link came back. Needs root (ip netns, ip link), else skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import TINY
+from test_faults import report, wait_for_step
+
+CUT = 30  # seconds trainer-1's link is down: longer than a round's averaging timeout (20 s in tiny.yaml)
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
+                       reason="cutting a peer's link needs root and iproute2 (network namespaces, ip link)"),
+    pytest.mark.timeout(600),
+]
+
+
+class NamespacedPeers:
+    """PeerProcesses' interface (log, procs) for peers started in the namespaces of a ``benchmarks.wan.Wan``."""
+
+    def __init__(self, wan, workdir):
+        self.wan, self.workdir, self.procs = wan, workdir, {}
+
+    def start(self, name: str, i: int, *args: str) -> None:
+        argv = [sys.executable, "-m", "peers.cli", *args, "--host", self.wan.address(i)]
+        self.procs[name] = self.wan.popen(i, argv, log=self.workdir / f"{name}.log")
+
+    def log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
+
+    def remember_children(self) -> None:  # (wait_for_step calls it; Wan stops whole process groups anyway)
+        pass
+
+    def wait_file(self, name: str, path, timeout: float = 120) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            assert self.procs[name].poll() is None, f"{name} exited early:\n{self.log(name)[-3000:]}"
+            assert time.monotonic() < deadline, f"{path} did not appear:\n{self.log(name)[-3000:]}"
+            time.sleep(0.3)
+        return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def set_link(wan, i: int, state: str) -> None:
+    """Bring the bridge side of peer i's cable down or up: its packets go nowhere, its sockets stay open."""
+    subprocess.run(["ip", "link", "set", f"swb{wan.tag}h{i}", state], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def healed_swarm(tmp_path_factory):
+    from benchmarks.wan import Wan, our_leftovers
+
+    work = tmp_path_factory.mktemp("partition")
+    wan = Wan(4, rate_mbit=1000)  # namespace 0: the seed; 1..3: trainer-0..2
+    with wan:
+        peers = NamespacedPeers(wan, work)
+        peers.start("seed", 0, "seed", "--config", TINY, "--addr-file", str(work / "seed.addr"))
+        addrs = peers.wait_file("seed", work / "seed.addr")
+        for t in range(3):
+            peers.start(f"trainer-{t}", t + 1, "join", *addrs, "--wait-for-peers", "3",
+                        "--report-json", str(work / f"trainer-{t}.json"))
+        wait_for_step(peers, "trainer-0", 2)
+        rounds_before_cut = len(re.findall(r"Step \d+: averag", peers.log("trainer-1")))
+        set_link(wan, 2, "down")
+        time.sleep(CUT)
+        swarm_step_at_cut_end = max(map(int, re.findall(r"Global step (\d+) done", peers.log("trainer-0"))))
+        set_link(wan, 2, "up")
+        wait_for_step(peers, "trainer-0", swarm_step_at_cut_end + 4, timeout=300)
+        for name in ("trainer-0", "trainer-1", "trainer-2"):
+            peers.procs[name].send_signal(signal.SIGINT)
+        codes = {name: peers.procs[name].wait(60) for name in ("trainer-0", "trainer-1", "trainer-2")}
+        yield work, peers, codes, rounds_before_cut, swarm_step_at_cut_end
+    left = our_leftovers(wan.tag)
+    assert not left, f"namespaces or links left behind: {left}"
+
+
+def test_the_others_train_on_while_the_link_is_cut(healed_swarm):
+    work, peers, codes, _, step_at_heal = healed_swarm
+    assert codes["trainer-0"] == 0 and codes["trainer-2"] == 0, codes
+    rounds = report(work, "trainer-0")["rounds"]
+    assert any(r["outcome"] == "averaged" and r["group_size"] >= 2 for r in rounds if r["step"] <= step_at_heal)
+
+
+def test_the_cut_trainer_is_back_in_sync_within_two_steps(healed_swarm):
+    work, peers, codes, rounds_before_cut, step_at_heal = healed_swarm
+    assert codes["trainer-1"] == 0, peers.log("trainer-1")[-3000:]
+    rounds = report(work, "trainer-1")["rounds"][rounds_before_cut:]
+    # while cut off it cannot average: its first round that is not "averaged" is the cut's (a round in flight
+    # when the cable went may still have finished); after that, averaged again within two steps
+    cut = next((k for k, r in enumerate(rounds) if r["outcome"] != "averaged"), None)
+    assert cut is not None, ("no round of trainer-1 noticed the cut", rounds)
+    averaged = [r["step"] for r in rounds[cut:] if r["outcome"] == "averaged" and r["group_size"] >= 2]
+    assert averaged and averaged[0] <= step_at_heal + 2, (step_at_heal, rounds)
+    assert report(work, "trainer-1")["final_step"] >= step_at_heal + 2
