@@ -138,7 +138,7 @@ def _keep_claiming(averager, dht, run_id: str, stop: threading.Event) -> None:
         steps = [r.step for r in read_trainer_records(dht, run_id).values()]
         if steps:
             averager.local_epoch = max(steps)
-            averager.state_sharing_priority = max(steps) + 0.5
+            averager.state_sharing_priority = max(steps) + 2.5  # (records lag a step behind the trainers)
         stop.wait(1.0)
 
 
