@@ -3,11 +3,13 @@
     python -m benchmarks.soak --minutes 10 --stable 2 --churning 2 --period 30 --json soak.json
 
 ``--stable`` trainers run from start to end (their memory is watched); ``--churning`` slots each hold a trainer
-that is replaced in turn: every ``--period`` seconds the oldest churning trainer is stopped (SIGTERM, or SIGKILL
-with ``--kill``) and a new one joins through a random live peer. Reported: global steps made, the swarm's
+that is replaced in turn: every ``--period`` seconds the oldest churning trainer is stopped (SIGTERM to its
+process group, as a service manager stops it; SIGKILL with ``--kill``, or when it is still running 30 s later)
+and a new one joins through a random live peer. The minutes count from the swarm's first global step. Reported: global steps made, the swarm's
 longest stall (the longest time without any trainer finishing a global step, after the first step), rounds
 averaged / partial / skipped / failed over all trainers, and each stable trainer's RSS growth (the trainer and
-its helper processes, first sample after its first step to the last sample). Goals (issue 4): no stall longer
+its helper processes, first sample after its first step to the last sample), and how many leavers needed
+SIGKILL. Goals (issue 4): no stall longer
 than ``timeouts.averaging``; RSS growth under 10%.
 """
 
@@ -34,6 +36,7 @@ from swarm.config import load_config
 logger = logging.getLogger("benchmarks.soak")
 ROOT = Path(__file__).resolve().parent.parent
 STEP_RE = re.compile(r"Global step (\d+) done")
+LEAVE_GRACE = 30.0  # seconds a leaver has to exit by itself after SIGTERM
 
 
 @dataclass
@@ -50,6 +53,8 @@ class Swarm:
         self.workdir, self.config, self.peers, self.count = workdir, config, {}, 0
         self.seed_proc: subprocess.Popen | None = None
         self.addresses: list[str] = []
+        self.leaving: dict[str, float] = {}  # name -> when it gets SIGKILL if still running
+        self.forced: list[str] = []  # leavers that needed SIGKILL
 
     def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
         log = self.workdir / f"{name}.log"
@@ -79,8 +84,25 @@ class Swarm:
         return self.peers[name]
 
     def leave(self, peer: Peer, kill: bool) -> None:
+        """Signal the peer's whole group (as a service manager's stop does) and go on; ``reap`` finishes it."""
         logger.info("%s leaves (%s)", peer.name, "SIGKILL" if kill else "SIGTERM")
-        stop_group(peer.proc, signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            os.killpg(peer.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        self.leaving[peer.name] = time.monotonic() + LEAVE_GRACE
+
+    def reap(self) -> None:
+        """SIGKILL leavers still running LEAVE_GRACE seconds after their signal (counted in the summary)."""
+        for name, deadline in list(self.leaving.items()):
+            proc = self.peers[name].proc
+            if proc.poll() is not None:
+                del self.leaving[name]
+            elif time.monotonic() > deadline:
+                logger.warning("%s still running %.0f s after SIGTERM: SIGKILL", name, LEAVE_GRACE)
+                self.forced.append(name)
+                stop_group(proc, signal.SIGKILL)
+                del self.leaving[name]
 
     def sample_rss(self) -> None:
         now = time.monotonic()
@@ -158,7 +180,7 @@ def summarize(swarm: Swarm, args: argparse.Namespace, averaging_timeout: float) 
     return dict(minutes=args.minutes, stable=args.stable, churning=args.churning, period_s=args.period,
                 kill=args.kill, trainers_started=swarm.count, global_steps=len(times),
                 longest_stall_s=max(gaps, default=None), averaging_timeout_s=averaging_timeout,
-                rounds=rounds, rss_growth=growth,
+                rounds=rounds, leavers_needing_sigkill=len(swarm.forced), rss_growth=growth,
                 rss_mb={p: [round(r / 2**20) for _, r in swarm.peers[p].rss[:: max(1, len(swarm.peers[p].rss) // 5)]]
                         for p in growth})
 
@@ -175,10 +197,18 @@ def run(args: argparse.Namespace) -> dict:
         for _ in range(everyone):
             swarm.join(wait_for=everyone)
         churning = [f"trainer-{i}" for i in range(args.stable, everyone)]
+        started = time.monotonic()  # the clock starts at the first global step: start-up is not churn
+        while not step_times(swarm):
+            if time.monotonic() - started > 300:
+                raise SystemExit(f"error: no global step within 300 s of start; see the logs in {workdir}")
+            time.sleep(2)
+        logger.info("First global step after %.0f s; churning for %.0f minutes", time.monotonic() - started,
+                    args.minutes)
         end = time.monotonic() + args.minutes * 60
         next_churn = time.monotonic() + args.period
         while time.monotonic() < end:
             swarm.sample_rss()
+            swarm.reap()
             if time.monotonic() >= next_churn and churning:
                 swarm.leave(swarm.peers[churning.pop(0)], args.kill)
                 churning.append(swarm.join().name)

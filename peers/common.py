@@ -42,6 +42,22 @@ def setup_logging(verbose: bool = False) -> None:
             handler.addFilter(_OneLineHivemind())
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")  # inside hivemind's uniform8 codec
+        # hivemind's helper threads and finalizers raise while a peer shuts down (its p2pd may be gone first,
+        # after a Ctrl-C reached the whole process group): one line each, not a traceback
+        threading.excepthook = _one_line_thread_error
+        sys.unraisablehook = _one_line_unraisable
+
+
+def _one_line_thread_error(args) -> None:
+    if args.exc_type is SystemExit:
+        return
+    logger.warning("%s in thread %s: %s", args.exc_type.__name__, getattr(args.thread, "name", "?"),
+                   str(args.exc_value)[:200])
+
+
+def _one_line_unraisable(unraisable) -> None:
+    logger.debug("Ignored %s in %r: %s", type(unraisable.exc_value).__name__, unraisable.object,
+                 unraisable.exc_value)
 
 
 class _OneLineHivemind(logging.Filter):
@@ -64,7 +80,13 @@ def install_stop_handlers() -> threading.Event:
     owner = os.getpid()
 
     def handler(signum, frame):
-        if os.getpid() != owner:  # a forked hivemind process (DHT, averager): end it, and the p2pd it started
+        if os.getpid() != owner:  # a forked hivemind process (DHT, averager)
+            if os.getppid() == _forking_pid:
+                # The signal went to the whole process group (Ctrl-C in a terminal, a service manager's stop):
+                # our main process got it too and will shut us down in order. Dying now would leave it waiting
+                # forever on answers from us.
+                return
+            # our main process is gone (PR_SET_PDEATHSIG sent this): end, and the p2pd we started
             _signal_own_children(signal.SIGTERM)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
