@@ -73,8 +73,8 @@ class Swarm:
         name = f"trainer-{self.count}"
         self.count += 1
         addr_file, report = self.workdir / f"{name}.addr", self.workdir / f"{name}.json"
-        live = [p for p in self.peers.values()
-                if p.proc.poll() is None and (self.workdir / f"{p.name}.addr").exists()]
+        live = [p for p in self.peers.values() if p.proc.poll() is None and p.name not in self.leaving
+                and (self.workdir / f"{p.name}.addr").exists()]
         through = random.choice(live).name if live else None
         addresses = wait_lines(self.workdir / f"{through}.addr", None) if through else self.addresses
         proc, log = self._spawn(name, ["join", *addresses, "--addr-file", str(addr_file), "--report-json",

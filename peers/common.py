@@ -80,13 +80,7 @@ def install_stop_handlers() -> threading.Event:
     owner = os.getpid()
 
     def handler(signum, frame):
-        if os.getpid() != owner:  # a forked hivemind process (DHT, averager)
-            if os.getppid() == _forking_pid:
-                # The signal went to the whole process group (Ctrl-C in a terminal, a service manager's stop):
-                # our main process got it too and will shut us down in order. Dying now would leave it waiting
-                # forever on answers from us.
-                return
-            # our main process is gone (PR_SET_PDEATHSIG sent this): end, and the p2pd we started
+        if os.getpid() != owner:  # a forked hivemind process (DHT, averager): end it, and the p2pd it started
             _signal_own_children(signal.SIGTERM)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
@@ -112,9 +106,17 @@ def _remember_forking_process() -> None:
 
 
 def _die_with_parent() -> None:
-    """In each forked helper (hivemind's DHT and averager processes): get SIGTERM when this peer's main process
-    dies, even by kill -9, so no helper goes on averaging for a dead peer. The handler above then stops the
-    helper's own children (p2pd) too."""
+    """In each forked helper (hivemind's DHT and averager processes): leave the peer's process group, and get
+    SIGTERM when this peer's main process dies, even by kill -9, so no helper goes on averaging for a dead peer.
+    The handler above then stops the helper's own children (p2pd) too.
+
+    Why a group of its own: a Ctrl-C in a terminal, or a service manager's stop, signals the whole group. Helpers
+    and their p2pd then died at once, while the main process, shutting down in order, waited forever on answers
+    from them (found by benchmarks/soak.py). Now only the main process hears it, and it stops the helpers."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
     if not sys.platform.startswith("linux"):
         return
     try:
