@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, PeerProcesses
 from test_faults import report, wait_for_step
 
 CUT = 30  # seconds trainer-1's link is down: longer than a round's averaging timeout (20 s in tiny.yaml)
@@ -26,29 +26,16 @@ pytestmark = [
 ]
 
 
-class NamespacedPeers:
-    """PeerProcesses' interface (log, procs) for peers started in the namespaces of a ``benchmarks.wan.Wan``."""
+class NamespacedPeers(PeerProcesses):
+    """PeerProcesses for peers started in the namespaces of a ``benchmarks.wan.Wan`` (which stops them)."""
 
     def __init__(self, wan, workdir):
-        self.wan, self.workdir, self.procs = wan, workdir, {}
+        super().__init__(workdir)
+        self.wan = wan
 
     def start(self, name: str, i: int, *args: str) -> None:
         argv = [sys.executable, "-m", "peers.cli", *args, "--host", self.wan.address(i)]
         self.procs[name] = self.wan.popen(i, argv, log=self.workdir / f"{name}.log")
-
-    def log(self, name: str) -> str:
-        return (self.workdir / f"{name}.log").read_text(errors="replace")
-
-    def remember_children(self) -> None:  # (wait_for_step calls it; Wan stops whole process groups anyway)
-        pass
-
-    def wait_file(self, name: str, path, timeout: float = 120) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while not path.exists():
-            assert self.procs[name].poll() is None, f"{name} exited early:\n{self.log(name)[-3000:]}"
-            assert time.monotonic() < deadline, f"{path} did not appear:\n{self.log(name)[-3000:]}"
-            time.sleep(0.3)
-        return [line for line in path.read_text().splitlines() if line.strip()]
 
 
 def set_link(wan, i: int, state: str) -> None:
@@ -65,7 +52,7 @@ def healed_swarm(tmp_path_factory):
     with wan:
         peers = NamespacedPeers(wan, work)
         peers.start("seed", 0, "seed", "--config", TINY, "--addr-file", str(work / "seed.addr"))
-        addrs = peers.wait_file("seed", work / "seed.addr")
+        addrs = peers.wait_file(work / "seed.addr", "seed")
         for t in range(3):
             peers.start(f"trainer-{t}", t + 1, "join", *addrs, "--wait-for-peers", "3",
                         "--report-json", str(work / f"trainer-{t}.json"))
