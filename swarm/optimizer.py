@@ -98,7 +98,9 @@ class SwarmOptimizer(hivemind.Optimizer):
             return
         if self._joined:  # mid-run: the gradients this peer accumulated were dropped
             where = "ran ahead of the swarm alone" if majority is not None else "fell behind the swarm"
-            self._record("skipped", 1, f"{where}; downloaded its state at step {self.local_epoch}", step=behind_at)
+            got = (f"downloaded its state at step {self.local_epoch}" if self.state_averager.loaded_from is not None
+                   else "no peer served a state that passed the checks")
+            self._record("skipped", 1, f"{where}; {got}", step=behind_at)
         self._joined = True
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:

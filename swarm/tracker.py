@@ -12,14 +12,22 @@ samples or throughput made them step at once. ``BoundedProgressTracker`` reads t
 - a peer whose claims are beyond belief (an epoch ABSURD_STEPS past what we believe, over ABSURD_BATCHES target
   batches of samples, or a throughput ABSURD_RATE times the bound below) is ignored altogether for
   DISTRUST_SECONDS;
-- each peer's throughput counts at most ``RATE_FACTOR`` times the median throughput of the swarm;
+- each peer's throughput counts at most ``RATE_FACTOR`` times the median throughput of the swarm (or one target
+  batch per matchmaking, if more);
 - each peer's accumulated samples count at most the target batch, and at most what its bounded throughput could
   have produced since this step began (plus the refresh slack).
 
 The other side of the first rule: an honest peer can run ahead alone (it started while the others were still
 loading, or it was cut off and stepped by itself). The others will not follow it, so it must come back to them:
-when at least QUORUM_AHEAD other peers claim steps and none is within one step of ours, ``majority_step`` names
-the step they support, and the optimizer downloads their state (see ``SwarmOptimizer``).
+when at least QUORUM_AHEAD other peers claim steps and none is within one step of ours, for ALONE_SECONDS on end
+(a peer that fell behind a moment ago is catching up, not a swarm elsewhere), ``majority_step`` names the step they
+support, and the optimizer downloads their state (see ``SwarmOptimizer``).
+
+For that, peers must see each other's progress while out of sync. hivemind publishes a peer's progress only while
+it is in sync with the largest epoch it believes: peers that fell behind a lone leader vanished from everyone's
+view, the leader saw nobody, stepped alone every few seconds, and the others chased it without end (their verified
+downloads refuse a state only one peer vouches for). Here a peer that has trained publishes its progress always;
+one that never trained still waits, as in hivemind, so that newcomers at step 0 do not outvote a running swarm.
 
 Claims that are cut are logged once per peer and claim at WARNING. Not handled: a peer that claims exactly one step
 ahead at all times makes honest peers end each step early (smaller steps, never skipped ones).
@@ -27,6 +35,7 @@ ahead at all times makes honest peers end each step early (smaller steps, never 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import statistics
 
@@ -36,6 +45,7 @@ from hivemind.utils import get_dht_time
 logger = logging.getLogger(__name__)
 
 RATE_FACTOR = 4.0  # a peer may be this many times faster than the median before its throughput claim is cut
+MEASURED_RATE = 1e-6  # samples/s: below this, a rate is hivemind's "not measured yet" (1e-20), not a measurement
 QUORUM_AHEAD = 2  # peers that must claim an epoch more than one step ahead of ours before we believe it
 # Claims beyond these make a peer's whole record ignored for DISTRUST_SECONDS (not merely bounded): an honest peer
 # stops accumulating at about one target batch, and is never thousands of times faster than the bounded rate.
@@ -43,6 +53,8 @@ ABSURD_BATCHES = 4
 ABSURD_RATE = 1000.0
 DISTRUST_SECONDS = 600.0
 ABSURD_STEPS = 10_000  # an honest peer runs ahead by a few steps at most, never by thousands
+ALONE_STEPS = 3  # global steps' worth of time (at least ALONE_SECONDS) a peer must be alone ahead before it falls back
+ALONE_SECONDS = 10.0
 
 
 class BoundedProgressTracker(ProgressTracker):
@@ -53,7 +65,31 @@ class BoundedProgressTracker(ProgressTracker):
         self._warned: set[tuple[bytes, str]] = set()
         self._distrusted: dict[bytes, float] = {}  # peer id -> until when its records are ignored
         self.majority_step: int | None = None  # set while we are alone ahead of QUORUM_AHEAD peers (see above)
+        self._alone_since: float | None = None
+        self.alone_seconds = max(ALONE_SECONDS, ALONE_STEPS * self.min_step_seconds)
         super().__init__(*args, **kwargs)
+
+    async def _progress_reporter(self):
+        """Publish our progress when it changes and every metadata_expiration / 2: hivemind's reporter, except that
+        a peer out of sync is published too once it has trained (see the module's docstring)."""
+        loop, store, last_report = asyncio.get_event_loop(), None, -float("inf")
+        try:
+            while not self.shutdown_triggered.is_set():
+                timeout = max(0.0, last_report + self.metadata_expiration / 2 - get_dht_time())
+                await loop.run_in_executor(None, self.should_report_progress.wait, timeout)
+                self.should_report_progress.clear()
+                if self.shutdown_triggered.is_set():
+                    break
+                progress, last_report = self.local_progress, get_dht_time()
+                if self.performance_ema.num_updates == 0 and progress.epoch < self.global_epoch - 1:
+                    continue  # a newcomer that has not caught up yet
+                store = asyncio.create_task(asyncio.wait_for(self.dht.store(
+                    key=self.training_progress_key, subkey=self._local_public_key, value=progress.dict(),
+                    expiration_time=last_report + self.metadata_expiration, return_future=True),
+                    timeout=self.metadata_expiration))
+        finally:
+            if store is not None:
+                store.cancel()
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
         if local_epoch != self._epoch_of_begin:
@@ -75,8 +111,7 @@ class BoundedProgressTracker(ProgressTracker):
         if not entries:
             return {}
         believed = self._believed_epoch([peer for _, peer in entries.values()])
-        rates = [peer.samples_per_second for _, peer in entries.values()] + [self.performance_ema.samples_per_second]
-        max_rate = RATE_FACTOR * max(statistics.median(rates), self.performance_ema.samples_per_second, 1e-3)
+        max_rate = self._max_rate([peer.samples_per_second for _, peer in entries.values()])
         elapsed = max(0.0, get_dht_time() - self._epoch_began) + self.max_refresh_period + 1.0
         bounded, now = {}, get_dht_time()
         for subkey, (item, peer) in entries.items():
@@ -108,6 +143,15 @@ class BoundedProgressTracker(ProgressTracker):
             bounded[subkey] = item
         return bounded
 
+    def _max_rate(self, claimed: list[float]) -> float:
+        """The throughput we believe of any one peer: RATE_FACTOR times the median of the measured rates (ours and
+        the peers'), and never less than one target batch per matchmaking. Peers that have not trained yet report
+        ~0: early on the median is ~0, and a bound from it alone once banned honest peers for claiming 6 samples/s."""
+        own = self.performance_ema.samples_per_second
+        measured = [rate for rate in claimed + [own] if rate > MEASURED_RATE]
+        median = statistics.median(measured) if measured else 0.0
+        return max(RATE_FACTOR * max(median, own), self.target_batch_size / self.min_step_seconds)
+
     def _distrust(self, peer_id: bytes, claims: dict) -> None:
         if len(self._distrusted) >= 10_000:  # bounded: forget the oldest verdicts first
             self._distrusted.pop(next(iter(self._distrusted)))
@@ -122,16 +166,19 @@ class BoundedProgressTracker(ProgressTracker):
         own = self.local_progress.epoch
         claims = sorted((p.epoch for p in peers if not p.client_mode and p.peer_id != self.dht.peer_id.to_bytes()),
                         reverse=True)
-        self.majority_step = None
+        alone = False
         if len(claims) >= QUORUM_AHEAD:
             supported = claims[QUORUM_AHEAD - 1]
-            if claims[0] < own - 1:  # we ran ahead alone: the swarm is elsewhere
-                self.majority_step = supported
+            alone = claims[0] < own - 1  # we ran ahead alone: the swarm is elsewhere
         elif claims:  # one other peer: believe it as far as the time since our step began allows
             elapsed = max(0.0, get_dht_time() - self._epoch_began)
             supported = min(claims[0], own + 1 + int(elapsed / self.min_step_seconds))
         else:
             supported = own
+        now = get_dht_time()
+        if not alone or self._alone_since is None:
+            self._alone_since = now if alone else None
+        self.majority_step = supported if alone and now - self._alone_since >= self.alone_seconds else None
         return max(own + 1, supported)
 
     def _warn_once(self, peer_id: bytes, peer: LocalTrainingProgress, changes: dict,

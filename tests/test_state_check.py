@@ -113,6 +113,7 @@ def tracker(own_epoch: int = 5, target: int = 96, own_rate: float = 10.0):
     threading.Thread.__init__(t, daemon=True)  # never started
     t.target_batch_size, t.max_refresh_period, t.min_step_seconds = target, 1.0, 3.0
     t._epoch_began, t._epoch_of_begin, t._warned, t._distrusted = get_dht_time() - 10, own_epoch, set(), {}
+    t._alone_since, t.alone_seconds = None, 0.0
     t.performance_ema = types.SimpleNamespace(samples_per_second=own_rate)
     t.dht = types.SimpleNamespace(peer_id=types.SimpleNamespace(to_bytes=lambda: b"me"))
     t.local_progress = LocalTrainingProgress(peer_id=b"me", epoch=own_epoch, samples_accumulated=0,
@@ -154,6 +155,15 @@ def test_a_peer_ahead_alone_is_not_followed_nor_banned():
 
 def test_a_peer_alone_ahead_learns_the_swarms_step():
     t = tracker(own_epoch=12)
+    t.alone_seconds = 30.0
+    t._believed_epoch([_claim(3), _claim(2, b"b"), _claim(3, b"c")])
+    assert t.majority_step is None  # the others may only be catching up: not before they stay behind a while
+    t._alone_since -= 30.0
+    t._believed_epoch([_claim(3), _claim(2, b"b"), _claim(3, b"c")])
+    assert t.majority_step == 3
+    t._believed_epoch([_claim(11), _claim(3, b"b"), _claim(3, b"c")])
+    assert t.majority_step is None and t._alone_since is None  # a peer is with us again: the clock restarts
+    t.alone_seconds = 0.0
     t._believed_epoch([_claim(3), _claim(2, b"b"), _claim(3, b"c")])
     assert t.majority_step == 3  # we ran ahead: fall back to what two others support
     t._believed_epoch([_claim(11), _claim(3, b"b"), _claim(3, b"c")])
@@ -169,6 +179,13 @@ def test_fast_claims_are_bounded():
     bounded = t._bounded(records((5, 40, 10.0), (5, 40, 10.0), (5, 300, 500.0)))  # 50x the median of 10
     assert bounded[b"peer-2"].value["samples_per_second"] == 40.0  # 4x the median
     assert bounded[b"peer-2"].value["samples_accumulated"] == 96  # at most the target batch
+
+
+def test_honest_rates_are_believed_before_anyone_has_measured_its_own():
+    t = tracker(own_rate=1e-20)  # hivemind's "not measured yet"; so are the two newcomers below
+    kept = t._bounded(records((5, 16, 5.8), (5, 32, 5.7), (5, 0, 1e-20), (5, 0, 1e-20)))
+    assert len(kept) == 4 and not t._distrusted  # this once banned both honest peers for 600 s
+    assert kept[b"peer-0"].value["samples_per_second"] == 5.8
 
 
 def _claim(epoch: int, peer: bytes = b"a"):
