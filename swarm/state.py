@@ -326,12 +326,14 @@ def _flatten_with_paths(node: Any, path: tuple = ()):
         yield path, node
 
 
-def records_bounds(dht: hivemind.DHT, run_id: str) -> tuple[int | None, dict[int, list[list[float]]]]:
-    """From the trainers' signed progress records: the highest step claimed by at least two trainers + 1 (None when
-    fewer than two publish), and the digests they publish by step."""
+def records_bounds(dht: hivemind.DHT, run_id: str,
+                   own_subkey: bytes | None = None) -> tuple[int | None, dict[int, list[list[float]]]]:
+    """From the other trainers' signed progress records (not ours, under ``own_subkey``: a peer that fell behind is
+    no witness of where the swarm is): the highest step claimed by at least two trainers + 1 (None when fewer than
+    two publish), and the digests they publish by step."""
     from swarm.progress import read_trainer_records
 
-    records = list(read_trainer_records(dht, run_id).values())
+    records = [record for subkey, record in read_trainer_records(dht, run_id).items() if subkey != own_subkey]
     steps = sorted((record.step for record in records), reverse=True)
     bound = steps[1] + 1 if len(steps) >= 2 else None
     digests: dict[int, list[list[float]]] = {}
@@ -355,5 +357,5 @@ def check_downloads(averager, *, dht: hivemind.DHT, run_id: str) -> None:
         num_parameters=num_parameters, initial_digest=state_digest(parameters()), scales=digest_scales(parameters()),
         local_tensors=lambda: parameters() + list(dump_optimizer_state(averager.optimizer)[1]),
         second_moments=lambda: second_moment_indices(averager.optimizer),
-        swarm_view=lambda: records_bounds(dht, run_id),
+        swarm_view=lambda: records_bounds(dht, run_id, own_subkey=averager.owner_subkey),
     )
