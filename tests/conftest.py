@@ -101,6 +101,15 @@ def peers(tmp_path):
     procs.close()
 
 
+def metric(url: str, name: str) -> float:
+    """The value of the unlabelled series ``name`` on a /metrics page."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return float(next(line for line in text.splitlines() if line.startswith(f"{name} ")).split()[1])
+
+
 def swarm_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``swarm ARGS`` to completion (for commands expected to exit by themselves)."""
     return subprocess.run([sys.executable, "-m", "peers.cli", *args], capture_output=True, text=True,

@@ -10,14 +10,13 @@ import os
 import re
 import signal
 import time
-import urllib.request
 
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, PeerProcesses, swarm_cli
+from conftest import TINY, PeerProcesses, metric, swarm_cli
 
 STEPS = 16
 RECORD_TTL = 30  # timeouts.record_ttl in configs/tiny.yaml
@@ -102,10 +101,7 @@ def wait_for_peers_metric(url: str, count: int, timeout: float) -> list[float]:
     """swarm_peers as scraped every second until it reads ``count`` (returns every value seen)."""
     seen, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        line = next(line for line in text.splitlines() if line.startswith("swarm_peers "))
-        seen.append(float(line.split()[1]))
+        seen.append(metric(url, "swarm_peers"))
         if seen[-1] == count:
             return seen
         time.sleep(1)

@@ -1,7 +1,7 @@
 """Private swarms: tokens minted by `swarm token`, members that average together, and everyone else refused.
 
-One module-scoped swarm on 127.0.0.1: a `swarm seed --private` and two trainers with tokens (alice keeps
-training, bob stops after 2 global steps). Against it: `swarm join` with no token, an expired token and a
+One module-scoped swarm on 127.0.0.1: a `swarm seed --private`, two trainers with tokens (alice keeps
+training, bob stops after 2 global steps) and a monitor with a token of its own. Against it: `swarm join` with no token, an expired token and a
 tampered one; and a raw intruder (this file run as a script) that starts plain hivemind DHT nodes, with no
 token, an expired one and one signed by a stranger's key, and calls the trainers' averaging and state download
 RPCs directly. The same script with a valid token is the control: it proves the probes would have worked.
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 if __name__ != "__main__":
-    from conftest import ROOT, TINY, PeerProcesses, swarm_cli
+    from conftest import ROOT, TINY, PeerProcesses, metric, swarm_cli
 
 TRAINER_TIMEOUT = 300  # generous: the machine is shared; outcomes are asserted, never durations
 PROBE_MODES = ("member", "none", "expired", "stranger")
@@ -114,7 +114,7 @@ def write_tokens(folder: Path, seed_key: Path) -> dict[str, Path]:
     from swarm import access, net
 
     _, authority = net.load_identity(str(seed_key))
-    tokens = {name: access.mint(authority, name, 3600) for name in ("alice", "bob", "carol", "dave")}
+    tokens = {name: access.mint(authority, name, 3600) for name in ("alice", "bob", "carol", "dave", "frank")}
     eve = access.mint(authority, "eve", 3600)
     tokens["expired"] = access.TokenFile(identity=eve.identity, authority=eve.authority, token=access.sign_token(
         authority, "eve", eve.token.public_key, time.time() - 60))
@@ -163,6 +163,9 @@ def swarm(tmp_path_factory, seed_key, tokens):
         procs.start("bob", "join", *seed, "--token", str(tokens["bob"]), "--max-steps", "2",
                     "--report-json", str(work / "bob.json"), *common)
         procs.start("no-token", "join", *seed, "--timeout", "5")  # refused while the trainers start
+        procs.start("monitor", "monitor", *seed, "--token", str(tokens["frank"]), "--metrics-port", "0",
+                    "--poll-period", "1", "--addr-file", str(work / "monitor.url"))
+        procs.start("monitor-no-token", "monitor", *seed, "--metrics-port", "0", "--timeout", "5")
         yield argparse.Namespace(work=work, procs=procs, tokens=tokens, seed=seed)
     finally:
         procs.close()
@@ -181,6 +184,18 @@ def error_line(procs: PeerProcesses, name: str) -> str:
 def test_joining_without_a_token_fails_with_advice(swarm):
     line = error_line(swarm.procs, "no-token")
     assert "could not reach" in line and "--token" in line
+
+
+def test_monitor_needs_a_token_and_with_one_sees_the_trainers(swarm):
+    line = error_line(swarm.procs, "monitor-no-token")
+    assert "could not reach" in line and "--token" in line
+    url = swarm.procs.wait_file(swarm.work / "monitor.url", "monitor", timeout=TRAINER_TIMEOUT)[0]
+    deadline = time.monotonic() + TRAINER_TIMEOUT
+    while metric(url, "swarm_peers") < 1:  # alice trains until the end of the module
+        assert time.monotonic() < deadline and swarm.procs.procs["monitor"].poll() is None, \
+            swarm.procs.log("monitor")[-3000:]
+        time.sleep(1)
+    assert metric(url, "swarm_step") >= 0
 
 
 def test_members_average_together(swarm):
