@@ -193,3 +193,42 @@ def _claim(epoch: int, peer: bytes = b"a"):
 
     return LocalTrainingProgress(peer_id=peer, epoch=epoch, samples_accumulated=0, samples_per_second=1.0,
                                  time=0.0, client_mode=False)
+
+
+def test_a_peer_out_of_sync_publishes_its_progress_once_it_has_trained():
+    """hivemind hides the progress of peers out of sync; a leader alone ahead then never saw the peers it left
+    behind. Ours publishes a peer that has trained; a newcomer that has not caught up stays hidden."""
+    import time
+
+    import hivemind
+    from hivemind.utils.crypto import RSAPrivateKey
+    from swarm.tracker import BoundedProgressTracker
+
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    trackers = []
+    try:
+        def published(t, epoch: int, timeout: float = 10.0) -> bool:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                found = dht.get(t.training_progress_key, latest=True)
+                entry = found.value.get(t._local_public_key) if found is not None else None
+                if entry is not None and entry.value is not None and entry.value["epoch"] == epoch:
+                    return True
+                time.sleep(0.2)
+            return False
+
+        for trained in (True, False):
+            t = BoundedProgressTracker(dht=dht, prefix=f"out-of-sync-{trained}", target_batch_size=96,
+                                       private_key=RSAPrivateKey(), min_refresh_period=30,
+                                       default_refresh_period=30, max_refresh_period=30, start=True)
+            time.sleep(0.5)  # its first fetch is done; the next one (which would reset the epoch below) is 30 s away
+            trackers.append(t)
+            if trained:
+                t.report_local_progress(local_epoch=0, samples_accumulated=8)
+            t.global_progress.epoch = 5  # the swarm (as this peer believes) is 5 steps ahead
+            t.report_local_progress(local_epoch=1, samples_accumulated=0, update_global_samples=False)
+            assert published(t, 1, timeout=5.0 if trained else 3.0) is trained, trained
+    finally:
+        for t in trackers:
+            t.shutdown(timeout=5)
+        dht.shutdown()
