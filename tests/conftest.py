@@ -101,13 +101,18 @@ def peers(tmp_path):
     procs.close()
 
 
-def metric(url: str, name: str) -> float:
-    """The value of the unlabelled series ``name`` on a /metrics page."""
+def scrape(url: str) -> str:
+    """A /metrics page (or any HTTP 200 answer) as text."""
     import urllib.request
 
     with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return float(next(line for line in text.splitlines() if line.startswith(f"{name} ")).split()[1])
+        assert response.status == 200
+        return response.read().decode()
+
+
+def metric(url: str, name: str) -> float:
+    """The value of the unlabelled series ``name`` on a /metrics page."""
+    return float(next(line for line in scrape(url).splitlines() if line.startswith(f"{name} ")).split()[1])
 
 
 def swarm_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

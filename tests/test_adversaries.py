@@ -12,13 +12,12 @@ import math
 import re
 import signal
 import sys
-import urllib.request
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, PeerProcesses
+from conftest import ROOT, TINY, PeerProcesses, scrape
 from test_faults import wait_for_step
 
 pytestmark = pytest.mark.timeout(900)  # one module-wide swarm; slow on a loaded 2-core machine
@@ -55,11 +54,6 @@ def attacked_swarm(tmp_path_factory):
         yield work, procs, codes, metrics
     finally:
         procs.close()
-
-
-def scrape(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read().decode()
 
 
 def report(work, name: str) -> dict:

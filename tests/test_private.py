@@ -1,8 +1,8 @@
 """Private swarms: tokens minted by `swarm token`, members that average together, and everyone else refused.
 
 One module-scoped swarm on 127.0.0.1: a `swarm seed --private`, two trainers with tokens (alice keeps
-training, bob stops after 2 global steps) and a monitor with a token of its own. Against it: `swarm join` with no token, an expired token and a
-tampered one; and a raw intruder (this file run as a script) that starts plain hivemind DHT nodes, with no
+training, bob stops after 2 global steps) and a monitor with a token of its own. Against it: `swarm join` and
+`swarm monitor` with no token, `swarm join` with an expired token and a tampered one; and a raw intruder (this file run as a script) that starts plain hivemind DHT nodes, with no
 token, an expired one and one signed by a stranger's key, and calls the trainers' averaging and state download
 RPCs directly. The same script with a valid token is the control: it proves the probes would have worked.
 """

@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY, PeerProcesses, swarm_cli
+from conftest import TINY, PeerProcesses, scrape, swarm_cli
 from monitor.dashboard import dashboard_queries
 from swarm import records
 from swarm.progress import read_trainer_records
@@ -133,12 +133,6 @@ def query_dashboard(prometheus: str, patience: float = 90) -> dict[str, list]:
         if all(answers.values()) or time.monotonic() > deadline:
             return answers
         time.sleep(2)
-
-
-def scrape(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        assert response.status == 200
-        return response.read().decode()
 
 
 def sample(exposition: str, name: str) -> float:
