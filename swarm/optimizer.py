@@ -74,6 +74,8 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _should_load_state_from_peers(self) -> bool:
         if self._ran_ahead_alone() is not None:
             return True
+        if self.local_epoch > self.tracker.global_epoch:  # a view fetched before our own download, or peers that
+            return False  # have yet to step: nobody has a newer state (hivemind re-downloaded ours, dropping a round)
         return super()._should_load_state_from_peers()
 
     def _ran_ahead_alone(self) -> int | None:
