@@ -328,14 +328,16 @@ def _flatten_with_paths(node: Any, path: tuple = ()):
 
 def records_bounds(dht: hivemind.DHT, run_id: str,
                    own_subkey: bytes | None = None) -> tuple[int | None, dict[int, list[list[float]]]]:
-    """From the other trainers' signed progress records (not ours, under ``own_subkey``: a peer that fell behind is
-    no witness of where the swarm is): the highest step claimed by at least two trainers + 1 (None when fewer than
-    two publish), and the digests they publish by step."""
+    """From the trainers' signed progress records: the highest step claimed by at least two trainers + 1, and the
+    digests they publish by step. The bound is None when fewer than two trainers other than us (``own_subkey``)
+    publish: our own record can witness a step one past ours, but a peer alone with one other trainer, which it
+    fell behind by two steps or more, would otherwise refuse that trainer's state."""
     from swarm.progress import read_trainer_records
 
-    records = [record for subkey, record in read_trainer_records(dht, run_id).items() if subkey != own_subkey]
+    found = read_trainer_records(dht, run_id)
+    records = list(found.values())
     steps = sorted((record.step for record in records), reverse=True)
-    bound = steps[1] + 1 if len(steps) >= 2 else None
+    bound = steps[1] + 1 if len([subkey for subkey in found if subkey != own_subkey]) >= 2 else None
     digests: dict[int, list[list[float]]] = {}
     for record in records:
         if record.digest:
