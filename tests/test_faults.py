@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 
 from conftest import TINY, PeerProcesses, metric, swarm_cli
 
-STEPS = 16
+STEPS = 12  # trainer-0 makes at least this many steps
+SYNC_STEPS = 2  # a resumed trainer averages with the swarm again within this many global steps (issue 4, item 9)
+AFTER_RESUME = SYNC_STEPS + 3  # trainer-0 stops this many steps after the resume: its last rounds are with trainer-1
 RECORD_TTL = 30  # timeouts.record_ttl in configs/tiny.yaml
 PAUSE = 30  # seconds trainer-1 is stopped (SIGSTOP to its whole process group)
 pytestmark = pytest.mark.timeout(900)  # one module-wide swarm, slow on a loaded 2-core machine
@@ -27,18 +29,18 @@ pytestmark = pytest.mark.timeout(900)  # one module-wide swarm, slow on a loaded
 @pytest.fixture(scope="module")
 def killed_swarm(tmp_path_factory):
     """Four trainers; after step 2, trainer-2 is killed by pid and trainer-3 with its process group; garbage is
-    sent to the seed's and the monitor's ports; once the monitor has dropped the dead, trainer-1 (no --max-steps)
-    is paused with SIGSTOP for PAUSE seconds and resumed; once trainer-0 has made its steps, trainer-1 is stopped
-    with SIGINT to its whole process group (a terminal's Ctrl-C: its helpers and p2pd get it too) and the monitor
-    with SIGINT to its process alone."""
+    sent to the seed's and the monitor's ports; once the monitor has dropped the dead, trainer-1 is paused with
+    SIGSTOP for PAUSE seconds and resumed. Once trainer-0 is AFTER_RESUME steps past the swarm's step at the
+    resume (so that its last rounds are the ones after trainer-1 is back, however late the pause came), it is
+    stopped with SIGINT; then trainer-1 with SIGINT to its whole process group (a terminal's Ctrl-C: its helpers
+    and p2pd get it too) and the monitor with SIGINT to its process alone."""
     work = tmp_path_factory.mktemp("faults")
     procs = PeerProcesses(work)
     try:
         procs.start("seed", "seed", "--config", TINY, "--addr-file", str(work / "seed.addr"))
         addrs = procs.wait_file(work / "seed.addr", "seed")
         for i in range(4):
-            limit = [] if i == 1 else ["--max-steps", str(STEPS)]
-            procs.start(f"trainer-{i}", "join", *addrs, *limit, "--wait-for-peers", "4",
+            procs.start(f"trainer-{i}", "join", *addrs, "--wait-for-peers", "4",
                         "--report-json", str(work / f"trainer-{i}.json"), "--save-model", str(work / f"model-{i}"),
                         new_session=(i in (1, 3)))
         procs.start("monitor", "monitor", *addrs, "--metrics-port", "0", "--poll-period", "1",
@@ -61,7 +63,9 @@ def killed_swarm(tmp_path_factory):
         rounds_before_pause = len(re.findall(r"Step \d+: averag", procs.log("trainer-1")))
         os.killpg(procs.procs["trainer-1"].pid, signal.SIGCONT)
         swarm_step_at_resume = max(map(int, re.findall(r"Global step (\d+) done", procs.log("trainer-0"))))
-        codes = {"trainer-0": procs.wait("trainer-0", 400)}
+        wait_for_step(procs, "trainer-0", max(STEPS, swarm_step_at_resume + AFTER_RESUME), timeout=400)
+        procs.stop("trainer-0", signal.SIGINT)
+        codes = {"trainer-0": procs.wait("trainer-0", 120)}
         procs.remember_children()
         os.killpg(procs.procs["trainer-1"].pid, signal.SIGINT)  # Ctrl-C as a terminal sends it: to the whole group
         codes["trainer-1"] = procs.wait("trainer-1", 60)
@@ -123,12 +127,14 @@ def test_the_others_keep_training_and_averaging(killed_swarm):
     assert codes["trainer-0"] == 0, procs.log("trainer-0")[-2000:]
     result = report(work, "trainer-0")
     assert result["final_step"] - result["start_step"] >= STEPS
-    rounds = result["rounds"]
-    # the round in flight when two of four peers vanished may fail or go partial; then the two survivors
-    # go on averaging together
+    # the round in flight when two of four peers vanished may fail or go partial, and trainer-0 steps alone while
+    # trainer-1 is paused; once trainer-1 is back in sync, the two survivors average together again
     # (a round may come back partial on a loaded machine: hivemind then used some of the peer's parts)
-    assert all(r["outcome"] in ("averaged", "partial") and r["group_size"] >= 2 for r in rounds[-3:]), rounds
-    assert sum(r["outcome"] == "averaged" for r in rounds[-3:]) >= 2, rounds
+    *_, (_, swarm_step_at_resume) = killed_swarm
+    rounds = [r for r in result["rounds"] if r["step"] > swarm_step_at_resume + SYNC_STEPS]
+    assert len(rounds) >= 2, result["rounds"]
+    assert all(r["outcome"] in ("averaged", "partial") and r["group_size"] >= 2 for r in rounds), result["rounds"]
+    assert sum(r["outcome"] == "averaged" for r in rounds) >= 2, result["rounds"]
     assert report(work, "trainer-1")["final_step"] >= result["final_step"]
 
 
@@ -167,7 +173,7 @@ def test_a_paused_trainer_is_back_in_sync_within_two_steps(killed_swarm):
     # the round in flight when it stopped may fail, and it downloads the state it missed; within two global steps
     # of the swarm's step when it resumed, it averages with the swarm again
     averaged = [r["step"] for r in rounds if r["outcome"] == "averaged" and r["group_size"] >= 2]
-    assert averaged and averaged[0] <= swarm_step_at_resume + 2, (swarm_step_at_resume, rounds)
+    assert averaged and averaged[0] <= swarm_step_at_resume + SYNC_STEPS, (swarm_step_at_resume, rounds)
     assert report(work, "trainer-1")["final_step"] >= report(work, "trainer-0")["final_step"]
 
 
