@@ -15,6 +15,8 @@ from typing import Iterable
 
 import hivemind
 import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.dht.crypto import RSASignatureValidator
@@ -31,6 +33,20 @@ logger = logging.getLogger(__name__)
 FALLBACK_RETRY_SECONDS = 30.0  # after failing to fetch the swarm's state, a peer alone ahead waits this long
 
 
+class _RemembersLastRound(DecentralizedAverager):
+    """Mixin placed below TrainingStateAverager in the MRO (hivemind starts every state-averaging round, scheduled
+    or not, through ``super().step``): remembers the last round begun in the background, so that a trainer that
+    leaves can call off a round still looking for a group instead of waiting out its timeout."""
+
+    last_round: StepControl | None = None
+
+    def step(self, *args, **kwargs):
+        control = super().step(*args, **kwargs)
+        if isinstance(control, StepControl):
+            self.last_round = control
+        return control
+
+
 class SwarmOptimizer(hivemind.Optimizer):
     def __init__(self, *, round_log: RoundLog, partial_watch: PartialRoundWatch, gate: MemberGate | None = None,
                  owner_subkey: bytes | None = None, **kwargs):
@@ -45,7 +61,8 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         verified = verified_state_averager(TrainingStateAverager, owner_subkey=self._owner_subkey)
-        state_cls = gated_averager(counting_averager(verified, "state"), self._gate)
+        remembering = type(verified.__name__, (verified, _RemembersLastRound), {"__module__": __name__})
+        state_cls = gated_averager(counting_averager(remembering, "state"), self._gate)
         averager = state_cls(
             dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
             allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
@@ -104,6 +121,20 @@ class SwarmOptimizer(hivemind.Optimizer):
                    else "no peer served a state that passed the checks")
             self._record("skipped", 1, f"{where}; {got}", step=behind_at)
         self._joined = True
+
+    def call_off_lonely_round(self, grace: float) -> None:
+        """Before leaving: give a background parameter-averaging round ``grace`` seconds to find its group, then
+        cancel it. The peers it waits for may have left already; hivemind would wait ``averaging_timeout``."""
+        control = getattr(self.state_averager, "last_round", None)
+        deadline = time.monotonic() + grace
+        while control is not None and not control.done():
+            if control.stage not in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
+                return  # it has a group: let it finish (bounded by averaging_timeout)
+            if time.monotonic() >= deadline:
+                logger.info("Leaving without the last parameter averaging round: no group within %.0f s", grace)
+                control.cancel()
+                return
+            time.sleep(0.1)
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         began = super()._begin_averaging_gradients(grad_scaler)

@@ -111,8 +111,10 @@ class Trainer:
         return result
 
     def _settle(self) -> None:
-        """Apply a background parameter-averaging round that finished after our last step."""
+        """Apply a background parameter-averaging round that finished after our last step (one that has not found
+        its group within two matchmaking times is called off: its peers may have left)."""
         try:
+            self.opt.call_off_lonely_round(grace=2 * self.opt.matchmaking_time)
             self.opt.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
         except Exception as error:  # a peer left mid-round: our own parameters are still valid
             logger.warning("Last parameter averaging round did not finish: %s", error)
