@@ -105,6 +105,8 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def load_state_from_peers(self, **kwargs) -> None:
         behind_at, majority = self.local_epoch, self._ran_ahead_alone()
+        if self._joined:
+            self.call_off_lonely_round(grace=0.0, why="downloading the swarm's state instead")
         if majority is not None:
             logger.warning("This peer stepped alone to step %d while the swarm is at step %d; taking the swarm's "
                            "state", behind_at, majority)
@@ -122,16 +124,17 @@ class SwarmOptimizer(hivemind.Optimizer):
             self._record("skipped", 1, f"{where}; {got}", step=behind_at)
         self._joined = True
 
-    def call_off_lonely_round(self, grace: float) -> None:
-        """Before leaving: give a background parameter-averaging round ``grace`` seconds to find its group, then
-        cancel it. The peers it waits for may have left already; hivemind would wait ``averaging_timeout``."""
+    def call_off_lonely_round(self, grace: float, why: str = "leaving") -> None:
+        """Give a background parameter-averaging round ``grace`` seconds to find its group, then cancel it: before
+        leaving (the peers it waits for may have left already) or before downloading the swarm's state (the round
+        would average parameters the download replaces). hivemind would wait ``averaging_timeout``."""
         control = getattr(self.state_averager, "last_round", None)
         deadline = time.monotonic() + grace
         while control is not None and not control.done():
             if control.stage not in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
                 return  # it has a group: let it finish (bounded by averaging_timeout)
             if time.monotonic() >= deadline:
-                logger.info("Leaving without the last parameter averaging round: no group within %.0f s", grace)
+                logger.info("Calling off a parameter averaging round without a group after %.0f s: %s", grace, why)
                 control.cancel()
                 return
             time.sleep(0.1)
