@@ -35,8 +35,9 @@ FALLBACK_RETRY_SECONDS = 30.0  # after failing to fetch the swarm's state, a pee
 
 class _RemembersLastRound(DecentralizedAverager):
     """Mixin placed below TrainingStateAverager in the MRO (hivemind starts every state-averaging round, scheduled
-    or not, through ``super().step``): remembers the last round begun in the background, so that a trainer that
-    leaves can call off a round still looking for a group instead of waiting out its timeout."""
+    or not, through ``super().step``): remembers the last round begun in the background, so that a trainer about
+    to leave or to download the swarm's state can call off a round still looking for a group instead of waiting
+    out its timeout (``SwarmOptimizer.call_off_lonely_round``)."""
 
     last_round: StepControl | None = None
 
