@@ -129,7 +129,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         """Give a background parameter-averaging round ``grace`` seconds to find its group, then cancel it: before
         leaving (the peers it waits for may have left already) or before downloading the swarm's state (the round
         would average parameters the download replaces). hivemind would wait ``averaging_timeout``."""
-        control = getattr(self.state_averager, "last_round", None)
+        control = self.state_averager.last_round  # (_RemembersLastRound)
         deadline = time.monotonic() + grace
         while control is not None and not control.done():
             if control.stage not in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
