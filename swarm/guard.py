@@ -14,7 +14,8 @@ the average, and a reducer's answer for its shard is applied as it comes. This m
   would turn a NaN into a finite number): otherwise this peer leaves the round.
 - The norm bound, learned from the swarm: a reducer waits for every sender's copy of a part anyway, so the
   parts are screened together. The reference norm is the larger of our own part's norm (trusted: it is ours)
-  and the *lower* median of all parts' norms, ours included; a part whose norm exceeds ``norm_ratio`` times
+  and the *lower* median of the norms of all parts of weight > 0, ours included (a part of weight 0, sent by a
+  peer that tags along before downloading state, holds stale buffers and is not averaged); a part whose norm exceeds ``norm_ratio`` times
   the reference is refused. With an honest majority the lower median is an honest norm, and with two peers it
   is the smaller one, so neither a huge part nor a swarm of zero parts moves it far; ``norm_ratio`` (16) leaves
   room for honest spread (small batches have noisier, larger gradients). When every reference is 0 (e.g. an
@@ -117,10 +118,10 @@ def install(counters: GuardCounters, *, max_weight: float, norm_ratio: float = 1
 
 
 def uninstall() -> None:
-    """Back to hivemind's plain runner and matchmaking (for tests); forgets settings and bans."""
-    global _settings, _counters
+    """Back to hivemind's plain runner and matchmaking (for tests); forgets settings, bans and norms seen."""
+    global _settings, _counters, _rms_floor
     hivemind_averager.AllReduceRunner, hivemind_averager.Matchmaking = _PLAIN
-    _settings, _counters = None, None
+    _settings, _counters, _rms_floor = None, None, 0.0
     _banned.clear()
 
 
@@ -218,10 +219,14 @@ def _note_reference(norm: float, numel: int) -> None:
         _rms_floor = max(0.99 * _rms_floor, norm / math.sqrt(numel))
 
 
-def check_result(delta: torch.Tensor, local: torch.Tensor, *, ratio: float) -> Optional[str]:
-    """The reason to refuse a reducer's answer (averaged minus our part) for one of our parts."""
+def check_result(delta: torch.Tensor, local: torch.Tensor, *, ratio: float, judge_norm: bool = True) -> Optional[str]:
+    """The reason to refuse a reducer's answer (averaged minus our part) for one of our parts. ``judge_norm``:
+    False when our part had weight 0 (hivemind's tag-along: a peer about to download state joins a round it
+    was matched into, with whatever its buffers held), so our part says nothing about the round's scale."""
     if tuple(delta.shape) != tuple(local.shape) or not torch.is_floating_point(delta):
         return "result"
+    if not judge_norm:
+        return None if bool(torch.isfinite(delta).all()) else "result"
     local_norm = float(local.norm())
     bound = norm_bound([], local_norm=local_norm, numel=local.numel(), ratio=ratio)
     # |averaged| <= bound implies |delta| <= bound + |ours|; one norm, which is NaN/inf for any NaN/inf in delta
@@ -301,8 +306,9 @@ class GuardedReducer(TensorPartReducer):
         """Screen the pending parts' norms, then put their weighted sum into the accumulator."""
         norms = {sender: float(part.norm()) for sender, part, _ in self._pending}
         numel = math.prod(self.part_shapes[self.current_part_index])
-        local_norm = norms.get(self.local_sender, 0.0)
-        weighted = [norms[sender] for sender, _, weight in self._pending if weight > 0 or sender == self.local_sender]
+        # a part of weight 0 (a peer tagging along) is not averaged, so it sets no reference, ours included
+        weighted = [norms[sender] for sender, _, weight in self._pending if weight > 0]
+        local_norm = next((norms[s] for s, _, weight in self._pending if s == self.local_sender and weight > 0), 0.0)
         bound = norm_bound(weighted, local_norm=local_norm, numel=numel, ratio=self.settings.norm_ratio)
         accepted = []
         for sender, part, weight in self._pending:
@@ -343,7 +349,7 @@ class GuardedAllReduceRunner(AllReduceRunner):
         def register_checked(peer_index: int, part_index: int, part: torch.Tensor) -> None:
             if peer_index != own_index:
                 local = container._input_parts_by_peer[peer_index][part_index][0]
-                reason = check_result(part, local, ratio=_settings.norm_ratio)
+                reason = check_result(part, local, ratio=_settings.norm_ratio, judge_norm=self.weight > 0)
                 if reason is not None:  # raised inside _communicate_with_peer: hivemind keeps our local parts
                     refuse(self.ordered_peer_ids[peer_index], reason, f"its average for part {part_index}")
                     raise RefusedContribution(reason)

@@ -74,6 +74,14 @@ def test_wire_and_part_checks():
     assert guard.check_result(torch.full_like(x, math.nan), x, ratio=16.0) == "result"
     assert guard.check_result(1e6 * x, x, ratio=16.0) == "result"
     assert guard.check_result(x[:10], x, ratio=16.0) == "result"
+    # a peer tagging along with weight 0 (its buffers stale or zero) judges no scale, only finiteness
+    try:
+        guard._note_reference(1.0, x.numel())
+        assert guard.check_result(1e3 * x, torch.zeros_like(x), ratio=16.0) == "result"
+        assert guard.check_result(1e3 * x, torch.zeros_like(x), ratio=16.0, judge_norm=False) is None
+    finally:
+        guard.uninstall()
+    assert guard.check_result(torch.full_like(x, math.inf), x, ratio=16.0, judge_norm=False) == "result"
     assert not guard.check_local([x, torch.tensor([1.0, math.inf])]) and guard.check_local([x])
 
 
@@ -99,6 +107,21 @@ def test_reducer_refuses_and_averages_the_rest(caplog):
         assert guard.is_banned(peers[2]) and guard.is_banned(peers[3]) and not guard.is_banned(peers[1])
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == guard.__name__]
         assert any(str(peers[2]) in w and "norm" in w for w in warnings), warnings
+    finally:
+        guard.uninstall()
+
+
+def test_a_reducer_tagging_along_with_weight_0_sets_no_norm_reference():
+    """Our part of weight 0 (zeros: hivemind's tag-along before a state download) must not make the honest
+    sender's part look huge; the average is the weighted senders' alone, and nobody is banned."""
+    counters, peers = guard.GuardCounters(), [PeerID(bytes([18, 32]) + bytes([i]) * 32) for i in range(2)]
+    guard.install(counters, max_weight=MAX_WEIGHT)
+    try:
+        guard._note_reference(1e-6, 1000)  # earlier rounds' parts were tiny
+        honest = torch.randn(1000)
+        results = asyncio.run(_reduce([(torch.zeros(1000), 0.0), (honest, 8.0)], peers))
+        assert torch.allclose(results[0], honest) and torch.allclose(results[1], honest)
+        assert sum(counters.snapshot().values()) == 0 and not guard.is_banned(peers[1])
     finally:
         guard.uninstall()
 
