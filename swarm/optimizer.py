@@ -1,8 +1,9 @@
 """hivemind.Optimizer set up from the swarm config, recording how each global step's averaging went.
 
-The subclass only observes: it wraps the three places where hivemind decides between averaged and local
-gradients, and records a ``Round`` for every global step, so "trained alone while looking healthy" shows up
-in logs and metrics.
+The subclass wraps the three places where hivemind decides between averaged and local gradients, and records a
+``Round`` for every global step, so "trained alone while looking healthy" shows up in logs and metrics. It also
+changes how a peer catches up: one that ran ahead alone goes back to the swarm's step, and one that downloaded
+the swarm's state mid-run looks for the swarm's current round at once (see ``SwarmOptimizer.load_state_from_peers``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.access import MemberGate, gated_averager
@@ -108,6 +110,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         behind_at, majority = self.local_epoch, self._ran_ahead_alone()
         if self._joined:
             self.call_off_lonely_round(grace=0.0, why="downloading the swarm's state instead")
+            self._drop_ungrouped_gradient_round()
         if majority is not None:
             logger.warning("This peer stepped alone to step %d while the swarm is at step %d; taking the swarm's "
                            "state", behind_at, majority)
@@ -123,7 +126,34 @@ class SwarmOptimizer(hivemind.Optimizer):
             got = (f"downloaded its state at step {self.local_epoch}" if self.state_averager.loaded_from is not None
                    else "no peer served a state that passed the checks")
             self._record("skipped", 1, f"{where}; {got}", step=behind_at)
+            if self.state_averager.loaded_from is not None:
+                self._look_for_the_current_round()
         self._joined = True
+
+    def _look_for_the_current_round(self) -> None:
+        """After a catch-up download, start looking for the swarm's round now if it ends within the averaging
+        timeout. hivemind starts looking only after the next micro-batch and within one matchmaking time of the
+        step's end; a peer that caught up late (or whose micro-batches are slow on a loaded machine) then missed
+        the round, ended the step behind, and fell into the next step's round: seen as a trainer that downloaded
+        the state every other step. Its trigger comes with its next micro-batch, as for any peer in a group."""
+        eta = self.tracker.estimated_next_update_time
+        now = get_dht_time()
+        if self.scheduled_grads is not None or self.use_local_updates or eta - now >= self.averaging_timeout - 1:
+            return
+        scheduled = max(eta, now + self.grad_averager.matchmaking_kwargs["min_matchmaking_time"])
+        logger.debug("Caught up at step %d: looking for the swarm's round, due in %.1f s", self.local_epoch, eta - now)
+        self.scheduled_grads = self.grad_averager.schedule_step(scheduled_time=scheduled, timeout=self.averaging_timeout)
+
+    def _drop_ungrouped_gradient_round(self) -> None:
+        """Cancel a pre-scheduled gradient round that has no group yet. hivemind would join it with weight 0 and
+        wait for the whole round, i.e. until the swarm's current step ends, before downloading: the download then
+        brings a state that is already one step old. (A round with a group is still joined with weight 0, as
+        hivemind does, so that the group's all-reduce does not wait for our parts.)"""
+        control = self.scheduled_grads
+        if control is not None and not control.done() and not control.triggered and \
+                control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
+            control.cancel()
+            self.scheduled_grads = None
 
     def call_off_lonely_round(self, grace: float, why: str = "leaving") -> None:
         """Give a background parameter-averaging round ``grace`` seconds to find its group, then cancel it: before

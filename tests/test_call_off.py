@@ -1,6 +1,7 @@
 """A trainer's background parameter-averaging round that finds no group is called off instead of holding the
-trainer for ``averaging_timeout`` (SwarmOptimizer.call_off_lonely_round): a real optimizer with its averager
-processes and a DHT on 127.0.0.1, alone, so its round can never find a group."""
+trainer for ``averaging_timeout`` (SwarmOptimizer.call_off_lonely_round), and a trainer catching up by download
+drops a gradient round without a group and looks for the swarm's current one: a real optimizer with its averager
+processes and a DHT on 127.0.0.1, alone, so its rounds can never find a group."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 
 import torch
 from hivemind import DHT
+from hivemind.averaging.control import AveragingStage
+from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from conftest import TINY
@@ -16,21 +19,29 @@ from swarm.optimizer import build_optimizer
 from swarm.rounds import PartialRoundWatch, RoundLog
 
 
+def lonely_optimizer(dht: DHT, config):
+    return build_optimizer(
+        torch.nn.Linear(8, 8).parameters(), dht=dht, private_key=RSAPrivateKey(), run_id="lonely", batch_size=4,
+        client_mode=False, optim=config.optimizer, averaging=config.averaging, timeouts=config.timeouts,
+        round_log=RoundLog(), partial_watch=PartialRoundWatch())
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def test_a_parameter_round_without_a_group_is_called_off():
     config = load_config(TINY)
     dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     optimizer = None
     try:
-        optimizer = build_optimizer(
-            torch.nn.Linear(8, 8).parameters(), dht=dht, private_key=RSAPrivateKey(), run_id="lonely", batch_size=4,
-            client_mode=False, optim=config.optimizer, averaging=config.averaging, timeouts=config.timeouts,
-            round_log=RoundLog(), partial_watch=PartialRoundWatch())
+        optimizer = lonely_optimizer(dht, config)
         averager = optimizer.state_averager
         averager.step(averaging_round=True, delay_averaging=True,
                       averaging_opts=dict(timeout=config.timeouts.averaging))
-        deadline = time.monotonic() + 30
-        while averager.last_round is None and time.monotonic() < deadline:  # begun in hivemind's executor thread
-            time.sleep(0.1)
+        wait_until(lambda: averager.last_round is not None)  # begun in hivemind's executor thread
         lonely = averager.last_round
         assert lonely is not None and not lonely.done(), lonely
         optimizer.call_off_lonely_round(grace=0.5)
@@ -41,4 +52,30 @@ def test_a_parameter_round_without_a_group_is_called_off():
     finally:
         if optimizer is not None:
             optimizer.shutdown()
+        dht.shutdown()
+
+
+def test_a_catch_up_drops_a_round_without_a_group_and_looks_for_the_current_one():
+    config = load_config(TINY)
+    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    optimizer = None
+    try:
+        optimizer = lonely_optimizer(dht, config)
+        stale = optimizer.scheduled_grads = optimizer.grad_averager.schedule_step(timeout=config.timeouts.averaging)
+        wait_until(lambda: stale.stage == AveragingStage.LOOKING_FOR_GROUP)
+        optimizer._drop_ungrouped_gradient_round()  # hivemind would wait for it with weight 0
+        assert optimizer.scheduled_grads is None and stale.cancelled(), stale
+
+        optimizer._look_for_the_current_round()  # the step ends far beyond the averaging timeout: not yet
+        assert optimizer.tracker.estimated_next_update_time - get_dht_time() > config.timeouts.averaging
+        assert optimizer.scheduled_grads is None
+        optimizer.tracker.report_local_progress(optimizer.local_epoch, config.averaging.target_batch_size)
+        optimizer._look_for_the_current_round()  # the swarm's batch is full: its round is due now
+        current = optimizer.scheduled_grads
+        assert current is not None and not current.done() and not current.triggered
+        wait_until(lambda: current.stage == AveragingStage.LOOKING_FOR_GROUP)
+        assert current.stage == AveragingStage.LOOKING_FOR_GROUP
+    finally:
+        if optimizer is not None:
+            optimizer.shutdown()  # (cancels the round still looking for a group)
         dht.shutdown()
