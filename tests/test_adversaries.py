@@ -18,11 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TINY, PeerProcesses, scrape
+from swarm.config import load_config
 from test_faults import wait_for_step
 
 pytestmark = pytest.mark.timeout(900)  # one module-wide swarm; slow on a loaded 2-core machine
 STEPS = 6
-LR, WARMUP, TOTAL = 1e-3, 3, 1000  # configs/tiny.yaml
+_OPTIMIZER = load_config(TINY).optimizer
+LR, WARMUP, TOTAL = _OPTIMIZER.lr, _OPTIMIZER.warmup_steps, _OPTIMIZER.total_steps  # the schedule, recomputed below
 
 
 @pytest.fixture(scope="module")
