@@ -106,6 +106,10 @@ def check_port_free(host: str, port: int) -> None:
 
 
 BLACKLIST_SECONDS = 3.0
+# How long a leaving peer waits for its DHT process to stop before terminating it (hivemind: 3 s). Every trainer
+# used up the 3 s: its DHT process first reads requests whose reply pipe is already gone (most likely from the
+# averager processes, which exit first), fails to unpickle each and sleeps its RPC timeout (3 s) after each one.
+DHT_SHUTDOWN_SECONDS = 1.0
 
 
 def host_maddrs(host: str, port: int) -> list[str]:
@@ -147,6 +151,7 @@ def start_dht(
                 # constant ban keeps dead peers out of lookups and lets a healed one back within seconds.
                 blacklist_time=BLACKLIST_SECONDS,
                 backoff_rate=1.0,
+                shutdown_timeout=DHT_SHUTDOWN_SECONDS,
                 start=True,
             )
         except Exception as error:  # p2pd reports unreachable bootstrap peers as a generic daemon error
