@@ -42,13 +42,11 @@ class _RemembersLastRound(DecentralizedAverager):
     out its timeout (``SwarmOptimizer.call_off_lonely_round``)."""
 
     last_round: StepControl | None = None
-    last_round_began = 0.0  # time.monotonic() when it began
 
     def step(self, *args, **kwargs):
-        began = time.monotonic()
         control = super().step(*args, **kwargs)
         if isinstance(control, StepControl):
-            self.last_round, self.last_round_began = control, began
+            self.last_round = control
         return control
 
 
@@ -157,29 +155,17 @@ class SwarmOptimizer(hivemind.Optimizer):
             control.cancel()
             self.scheduled_grads = None
 
-    def _update_global_epoch(self, grad_scaler) -> None:
-        # hivemind holds this step until the previous step's parameter round ends, for up to averaging_timeout even
-        # when that round never found a group: a trainer cut off from the others spent 16 s of one step so, and
-        # the swarm was three steps ahead when it noticed
-        # (a round not yet triggered is this step's own, scheduled ahead: not that one)
-        previous = self.state_averager.last_round
-        if previous is not None and previous.triggered:
-            self.call_off_lonely_round(grace=2 * self.matchmaking_time, why="the next step is due", from_start=True)
-        super()._update_global_epoch(grad_scaler)
-
-    def call_off_lonely_round(self, grace: float, why: str = "leaving", from_start: bool = False) -> None:
-        """Give a background parameter-averaging round ``grace`` seconds (from now, or ``from_start`` of the round)
-        to find its group, then cancel it: before leaving (the peers it waits for may have left already), before
-        downloading the swarm's state (the round would average parameters the download replaces), or before the
-        next step. hivemind would wait ``averaging_timeout``."""
+    def call_off_lonely_round(self, grace: float, why: str = "leaving") -> None:
+        """Give a background parameter-averaging round ``grace`` seconds to find its group, then cancel it: before
+        leaving (the peers it waits for may have left already) or before downloading the swarm's state (the round
+        would average parameters the download replaces). hivemind would wait ``averaging_timeout``."""
         control = self.state_averager.last_round  # (_RemembersLastRound)
-        deadline = (self.state_averager.last_round_began if from_start else time.monotonic()) + grace
+        deadline = time.monotonic() + grace
         while control is not None and not control.done():
             if control.stage not in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
                 return  # it has a group: let it finish (bounded by averaging_timeout)
             if time.monotonic() >= deadline:
-                age = time.monotonic() - self.state_averager.last_round_began
-                logger.info("Calling off a parameter averaging round without a group after %.0f s: %s", age, why)
+                logger.info("Calling off a parameter averaging round without a group after %.0f s: %s", grace, why)
                 control.cancel()
                 return
             time.sleep(0.1)
