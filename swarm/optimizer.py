@@ -3,13 +3,16 @@
 The subclass wraps the three places where hivemind decides between averaged and local gradients, and records a
 ``Round`` for every global step, so "trained alone while looking healthy" shows up in logs and metrics. It also
 changes how a peer catches up: one that ran ahead alone goes back to the swarm's step, and one that downloaded
-the swarm's state mid-run looks for the swarm's current round at once (see ``SwarmOptimizer.load_state_from_peers``).
+the swarm's state mid-run looks for the swarm's current round at once (see ``SwarmOptimizer.load_state_from_peers``),
+and a parameter-averaging round that the swarm has left behind is called off rather than held until its timeout
+(``SwarmOptimizer.call_off_stale_round``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from functools import partial
 from typing import Iterable
@@ -19,9 +22,10 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.utils import get_dht_time
+from hivemind.utils import ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.access import MemberGate, gated_averager
@@ -29,10 +33,12 @@ from swarm.compression import build_compression, counting_averager
 from swarm.config import AveragingConfig, OptimizerConfig, TimeoutsConfig
 from swarm.rounds import PartialRoundWatch, Round, RoundLog
 from swarm.state import check_downloads, verified_state_averager
-from swarm.tracker import BoundedProgressTracker
+from swarm.tracker import ABSURD_STEPS, BoundedProgressTracker
 
 logger = logging.getLogger(__name__)
 FALLBACK_RETRY_SECONDS = 30.0  # after failing to fetch the swarm's state, a peer alone ahead waits this long
+STALE_ROUND_POLL_SECONDS = 1.0  # how often a trainer checks whether its parameter round has been left behind
+PROGRESS_READ_SECONDS = 10.0  # (the check's DHT read; a DHT process that is gone would never answer)
 
 
 class _RemembersLastRound(DecentralizedAverager):
@@ -42,11 +48,12 @@ class _RemembersLastRound(DecentralizedAverager):
     out its timeout (``SwarmOptimizer.call_off_lonely_round``)."""
 
     last_round: StepControl | None = None
+    last_round_epoch: int | None = None  # the epoch the round is for (its peers' epoch once they have stepped)
 
     def step(self, *args, **kwargs):
         control = super().step(*args, **kwargs)
         if isinstance(control, StepControl):
-            self.last_round = control
+            self.last_round, self.last_round_epoch = control, kwargs.get("gather")
         return control
 
 
@@ -61,6 +68,15 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._joined = False
         self._fallback_retry_at = 0.0
         super().__init__(**kwargs)
+        self._stop_watching = threading.Event()
+        self._stale_watch = threading.Thread(target=self._watch_for_stale_rounds, daemon=True,
+                                             name="stale-round-watch")
+        self._stale_watch.start()
+
+    def shutdown(self):
+        self._stop_watching.set()
+        self._stale_watch.join(timeout=5.0)
+        super().shutdown()
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         verified = verified_state_averager(TrainingStateAverager, owner_subkey=self._owner_subkey)
@@ -169,6 +185,54 @@ class SwarmOptimizer(hivemind.Optimizer):
                 control.cancel()
                 return
             time.sleep(0.1)
+
+    def _watch_for_stale_rounds(self) -> None:
+        while not self._stop_watching.wait(STALE_ROUND_POLL_SECONDS):
+            try:
+                self.call_off_stale_round()
+            except Exception as error:  # (a DHT that is shutting down): never let the watch end a trainer
+                logger.debug("Could not check for a stale parameter averaging round: %s", error)
+
+    def call_off_stale_round(self) -> bool:
+        """Cancel the background parameter-averaging round when it is still looking for a group one matchmaking
+        time after it should have begun and another peer has already finished the step it is for: the group it
+        was meant for has averaged without it. Returns whether it was called off.
+
+        hivemind runs the next optimizer step only after that round ends (one executor thread), so a trainer cut
+        off from the swarm sat in its step until ``averaging_timeout`` after its link came back, while the swarm
+        went on: seen as a healed peer back in sync three steps late. The check reads the progress records from
+        the DHT itself, because the tracker pauses its updates for the whole global step, i.e. while blocked. A
+        trainer that is still cut off sees no such record and waits out its round, so it does not step alone at
+        full speed (and run ahead of the swarm it will come back to)."""
+        averager = self.state_averager
+        control, epoch = averager.last_round, averager.last_round_epoch  # (_RemembersLastRound)
+        if control is None or epoch is None or control.done() or \
+                control.stage not in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP) or \
+                get_dht_time() < control.scheduled_time + self.matchmaking_time:
+            return False
+        past = self._peers_past(epoch)
+        if not past or control.done() or control.stage not in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
+            return False
+        logger.info("Calling off the parameter averaging round for step %d, still without a group: %d peer(s) "
+                    "finished that step already", epoch, past)
+        control.cancel()
+        return True
+
+    def _peers_past(self, epoch: int) -> int:
+        """How many other trainers' progress records in the DHT claim an epoch past ``epoch`` (an absurd claim is
+        not counted; a false one can only make us give up a round that was already late)."""
+        found = self.dht.get(self.tracker.training_progress_key, latest=True, return_future=True).result(
+            timeout=PROGRESS_READ_SECONDS)
+        if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
+            return 0
+        own, past = self.dht.peer_id.to_bytes(), 0
+        for item in found.value.values():
+            try:
+                peer = LocalTrainingProgress.parse_obj(item.value)
+            except Exception:
+                continue
+            past += peer.peer_id != own and not peer.client_mode and epoch < peer.epoch <= epoch + ABSURD_STEPS
+        return past
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         began = super()._begin_averaging_gradients(grad_scaler)

@@ -1,7 +1,8 @@
 """A trainer's background parameter-averaging round that finds no group is called off instead of holding the
-trainer for ``averaging_timeout`` (SwarmOptimizer.call_off_lonely_round), and a trainer catching up by download
-drops a gradient round without a group and looks for the swarm's current one: a real optimizer with its averager
-processes and a DHT on 127.0.0.1, alone, so its rounds can never find a group."""
+trainer for ``averaging_timeout`` (SwarmOptimizer.call_off_lonely_round), also as soon as another peer has finished
+the step it is for (SwarmOptimizer.call_off_stale_round), and a trainer catching up by download drops a gradient
+round without a group and looks for the swarm's current one: a real optimizer with its averager processes and a DHT
+on 127.0.0.1, alone, so its rounds can never find a group."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 
 import torch
 from hivemind import DHT
+from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.averaging.control import AveragingStage
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
@@ -52,6 +54,45 @@ def test_a_parameter_round_without_a_group_is_called_off():
     finally:
         if optimizer is not None:
             optimizer.shutdown()
+        dht.shutdown()
+
+
+def test_a_parameter_round_is_called_off_once_another_peer_finished_its_step():
+    config = load_config(TINY)
+    config = config.model_copy(update=dict(timeouts=config.timeouts.model_copy(update=dict(matchmaking=1.0))))
+    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    other_dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dht.get_visible_maddrs())
+    optimizer = other = None
+    try:
+        optimizer = lonely_optimizer(dht, config)
+        averager = optimizer.state_averager
+        averager.step(increment_epoch=True, averaging_round=True, delay_averaging=True,
+                      averaging_opts=dict(timeout=config.timeouts.averaging))  # the round for step 1
+        wait_until(lambda: averager.last_round is not None)
+        round_, epoch = averager.last_round, averager.last_round_epoch
+        assert epoch == 1 and not round_.done(), (epoch, round_)
+        # a peer (with no averager: no group can form) that has not finished step 1 yet
+        other = ProgressTracker(other_dht, prefix="lonely", target_batch_size=config.averaging.target_batch_size,
+                                min_refresh_period=0.2, default_refresh_period=0.2, private_key=RSAPrivateKey(), start=True)
+        other.report_local_progress(local_epoch=1, samples_accumulated=8)
+        wait_until(lambda: optimizer._peers_past(0) == 1)
+        assert optimizer._peers_past(0) == 1  # its record is there, at step 1
+        time.sleep(3 * config.timeouts.matchmaking)  # looking well past its start: the watch had its chances
+        assert not round_.done(), "called off while no peer had finished its step"
+        assert not optimizer.call_off_stale_round()
+
+        with other.pause_updates():
+            other.update_epoch(2)  # the other peer finished step 1: the round's group is gone
+        other.report_local_progress(local_epoch=2, samples_accumulated=8)
+        wait_until(round_.done, timeout=10)  # the watch thread calls it off
+        assert round_.cancelled(), round_
+        averager.step(wait_for_delayed_updates=True)  # the next step is not held
+        assert not averager.pending_updates
+    finally:
+        for peer in optimizer, other:
+            if peer is not None:
+                peer.shutdown()
+        other_dht.shutdown()
         dht.shutdown()
 
 
