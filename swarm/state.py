@@ -4,8 +4,8 @@ hivemind 1.1.12 downloads the state (parameters, optimizer statistics, epoch) fr
 priority in an unsigned registry, and loads whatever arrives. Here:
 
 - ``verified_state_averager(cls)`` gives a hivemind ``TrainingStateAverager`` (sub)class whose downloads go donor by
-  donor: the averager's process fetches one donor's state (skipping donors already refused), and the caller's
-  process checks it before it is loaded. Donors offer their state in a signed registry (``{prefix}_donors``: one
+  donor: the averager's process fetches one donor's state (skipping donors already refused, and trying donors
+  refused in earlier downloads last), and the caller's process checks it before it is loaded. Donors offer their state in a signed registry (``{prefix}_donors``: one
   entry per owner key, naming the peer id of that key), so nobody can list, promote or hide another peer.
 - ``StateCheck`` is that check: the right number of tensors with the shapes and dtypes of our own, all finite, Adam's
   second moments non-negative, an epoch no further ahead than the swarm's progress records support, and parameters
@@ -48,6 +48,7 @@ DIGEST_STEPS = 2
 INITIAL_TOLERANCE = 1e-4  # a state at step 0 must be the config's own initial model
 DONOR_LOOKUP_SECONDS = 15.0  # reading the donor registry from the DHT; a download then has its own timeouts
 MAX_DONORS_TRIED = 8
+REFUSED_DONOR_SECONDS = 600.0  # a donor whose state was refused is tried after all others for this long
 
 Check = Callable[[dict, Sequence[torch.Tensor]], "str | None"]
 
@@ -58,6 +59,7 @@ class _VerifiedDownload(DecentralizedAverager):
     state_check: Check | None = None  # set by the owner in the parent process
     loaded_from: bytes | None = None  # the donor of the last state that passed the check (None: none did)
     owner_subkey: bytes | None = None  # "[owner:<public key>]" of this peer's DHT key: signs its donor entry
+    refused_until: dict[bytes, float] | None = None  # donor -> until when it is tried last (its state was refused)
 
     async def _declare_for_download_periodically(self):
         """Offer our state in a signed registry ({prefix}_donors, one entry per owner key, naming the owner's peer
@@ -82,10 +84,15 @@ class _VerifiedDownload(DecentralizedAverager):
             raise ValueError("verified state downloads are synchronous")
         refused: list[bytes] = []
         self.loaded_from = None
+        if self.refused_until is None:
+            self.refused_until = {}
+        now = get_dht_time()
+        self.refused_until = {donor: until for donor, until in self.refused_until.items() if until > now}
         for _ in range(MAX_DONORS_TRIED):
             future = MPFuture()
             self._outer_pipe.send(("_download_state_from", [], dict(future=future, timeout=timeout,
-                                                                     refused=list(refused))))
+                                                                     refused=list(refused),
+                                                                     last=list(self.refused_until))))
             try:
                 result = future.result(timeout=timeout)
             except TimeoutError:
@@ -102,14 +109,17 @@ class _VerifiedDownload(DecentralizedAverager):
             logger.warning("Refusing the state served by peer %s: %s; trying another peer",
                            PeerID(donor).to_base58(), problem)
             refused.append(donor)
+            self.refused_until[donor] = get_dht_time() + REFUSED_DONOR_SECONDS
         logger.warning("Refused the state of %d donors in a row; keeping this peer's own state", len(refused))
         return None
 
-    async def _download_state_from(self, future: MPFuture, timeout: float | None, refused: list[bytes]):
-        """Runs in the averager's process: the first donor (by priority, then at random) that serves a state."""
+    async def _download_state_from(self, future: MPFuture, timeout: float | None, refused: list[bytes],
+                                   last: list[bytes] = ()):
+        """Runs in the averager's process: the first donor (by priority, then at random; those in ``last`` after
+        all others) that serves a state."""
         try:
             try:
-                donors = await asyncio.wait_for(self._donors(refused), DONOR_LOOKUP_SECONDS)
+                donors = await asyncio.wait_for(self._donors(refused, last), DONOR_LOOKUP_SECONDS)
             except asyncio.TimeoutError:
                 logger.warning("The state-donor registry did not answer within %.0f s", DONOR_LOOKUP_SECONDS)
                 return
@@ -125,7 +135,7 @@ class _VerifiedDownload(DecentralizedAverager):
         finally:
             _settle(future, None)
 
-    async def _donors(self, refused: list[bytes]) -> list[PeerID]:
+    async def _donors(self, refused: list[bytes], last: Sequence[bytes] = ()) -> list[PeerID]:
         key = f"{self._matchmaking.group_key_manager.prefix}_donors"
         found = await self.dht.get(key, latest=True, return_future=True)
         entries = found.value if found is not None and isinstance(found.value, dict) else {}
@@ -134,9 +144,9 @@ class _VerifiedDownload(DecentralizedAverager):
             donor = _donor(subkey, item.value if isinstance(item, ValueWithExpiration) else None)
             if donor is None or donor[1].to_bytes() in refused or donor[1] == self.peer_id:
                 continue
-            ranked.append((donor[0], random.random(), donor[1]))
-        ranked.sort(key=lambda entry: entry[:2], reverse=True)
-        return [peer for _, _, peer in ranked[:MAX_DONORS_TRIED]]
+            ranked.append((donor[1].to_bytes() not in last, donor[0], random.random(), donor[1]))
+        ranked.sort(key=lambda entry: entry[:3], reverse=True)
+        return [peer for *_, peer in ranked[:MAX_DONORS_TRIED]]
 
     async def _download_from(self, peer: PeerID, timeout: float | None) -> tuple[Any, list[torch.Tensor]]:
         logger.info("Downloading the state from peer %s", peer)

@@ -113,6 +113,9 @@ def test_a_joiner_refuses_a_foreign_state_and_takes_a_good_one(attacked_swarm):
     adversary = json.loads((work / "adversary.json").read_text())["peer_id"]
     log = procs.log("late")
     assert re.search(rf"Refusing the state served by peer {adversary}: its parameters differ", log), log[-3000:]
+    # once refused, it is tried after every other donor: again only when all of those failed to serve
+    refusals = len(re.findall(rf"Refusing the state served by peer {adversary}", log))
+    assert refusals <= 1 + log.count("Could not download the state from"), log[-3000:]
     result = report(work, "late")
     assert result["start_step"] >= 3, result
     # in sync within one global step: its first or second round is averaged with the swarm (issue 4, item 3)
