@@ -11,10 +11,14 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import sys
+from pathlib import Path
 
-from peers.common import install_stop_handlers, run_entry, setup_logging
+from peers.common import install_stop_handlers, route_hivemind_logs, run_entry, setup_logging
+from peers.options import OPTIONS
 
 ROLES = {
     "seed": "start the first peer of a new swarm and publish its config",
@@ -27,8 +31,14 @@ ROLES = {
 
 
 def role(name: str):
-    """Roles are imported on demand: the seed, monitor and status need no transformers or bitsandbytes."""
+    """Roles are imported on demand, to run: the seed, monitor and status need no transformers or bitsandbytes."""
     return importlib.import_module(f"peers.{name}")
+
+
+def role_doc(name: str) -> str | None:
+    """A role module's docstring, read without importing the module (and its stack)."""
+    source = Path(importlib.util.find_spec(f"peers.{name}").origin).read_text()
+    return ast.get_docstring(ast.parse(source), clean=False)
 
 
 def chosen_command(argv: list[str]) -> str | None:
@@ -38,8 +48,8 @@ def chosen_command(argv: list[str]) -> str | None:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The CLI, with ``command``'s options in full. Only that role's module is imported: a role brings its
-    stack (torch, hivemind, transformers), which takes seconds to import."""
+    """The CLI, with ``command``'s options in full. No role module is imported (see peers.options): a role
+    brings its stack (torch, hivemind, transformers), which takes seconds to import."""
     parser = argparse.ArgumentParser(prog="swarm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, including hivemind's")
@@ -48,10 +58,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name != command:
             commands.add_parser(name, help=summary)  # `swarm --help` lists it; `swarm NAME` builds it in full
             continue
-        module = role(name)
-        sub = commands.add_parser(name, help=summary, description=module.__doc__,
+        sub = commands.add_parser(name, help=summary, description=role_doc(name),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(sub)
+        OPTIONS[name](sub)
     return parser
 
 
@@ -59,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(chosen_command(argv))
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    module = role(args.command)
     if getattr(args, "max_steps", None) is not None and args.max_steps < 1:
         parser.error("--max-steps must be at least 1")
+    setup_logging(args.verbose)
+    module = role(args.command)
+    route_hivemind_logs()
     return run_entry(lambda: module.run(args, install_stop_handlers()))
 
 

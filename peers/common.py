@@ -25,12 +25,7 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "INFO" if verbose else "WARNING")
-    try:  # hivemind installs its own handler on import: send its records through ours instead
-        from hivemind.utils import logging as hivemind_logging
-
-        hivemind_logging.use_hivemind_log_handler("nowhere")
-    except Exception:  # another hivemind version: its own handler stays, which is harmless
-        pass
+    route_hivemind_logs()
     logging.getLogger("hivemind").setLevel(logging.INFO if verbose else logging.WARNING)
     # bitsandbytes warns on some CPUs that an optional 4-bit kernel package is absent (we use 8-bit codecs
     # only); transformers notes config defaults; asyncio reports tasks hivemind leaves at exit. None of it
@@ -46,6 +41,20 @@ def setup_logging(verbose: bool = False) -> None:
         # after a Ctrl-C reached the whole process group): one line each, not a traceback
         threading.excepthook = _one_line_thread_error
         sys.unraisablehook = _one_line_unraisable
+
+
+def route_hivemind_logs() -> None:
+    """hivemind installs its own log handler when it is imported: send its records through ours instead. Call it
+    once hivemind is imported (roles import it lazily, so that bad input is answered before seconds of imports);
+    before that it does nothing."""
+    if "hivemind.utils.logging" not in sys.modules:
+        return
+    try:
+        from hivemind.utils import logging as hivemind_logging
+
+        hivemind_logging.use_hivemind_log_handler("nowhere")
+    except Exception:  # another hivemind version: its own handler stays, which is harmless
+        pass
 
 
 def _one_line_thread_error(args) -> None:

@@ -26,19 +26,6 @@ from swarm.summary import summarize
 
 logger = logging.getLogger("swarm.demo")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--peers", type=int, default=3, help="number of trainers (default 3)")
-    parser.add_argument("--steps", type=int, default=10, help="global steps to make (default 10)")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="swarm config (default configs/tiny.yaml)")
-    parser.add_argument("--summary-json", help="also write the summary here as JSON")
-    parser.add_argument("--workdir", help="where peer logs and reports go (default: a new temporary directory)")
-    parser.add_argument("--metrics-port", type=int, default=9100,
-                        help="port of the demo's monitor peer, for Prometheus (default 9100; 0: any free port)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config field for the whole demo swarm (repeatable)")
 
 
 class Peers:

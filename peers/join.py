@@ -27,7 +27,6 @@ from swarm.data import train_batches
 from swarm.devices import choose_batch_size, choose_device
 from swarm import discovery
 from swarm.discovery import keep_alive, keep_alive_until
-from swarm.errors import SwarmError
 from swarm.files import write_atomic
 from swarm.optimizer import build_optimizer
 from swarm.progress import ProgressPublisher
@@ -37,31 +36,6 @@ from swarm.tokenizer import build_tokenizer
 from swarm.training import Trainer, TrainResult, owner_subkey, peer_seed
 
 logger = logging.getLogger("swarm.join")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("addresses", nargs="+", metavar="ADDR", help="multiaddr of any live peer of the swarm")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA with bf16 if present")
-    parser.add_argument("--batch-size", type=int, help="local micro-batch (default: sized from memory)")
-    parser.add_argument("--max-steps", type=int, help="exit 0 once the swarm made N global steps with this peer")
-    parser.add_argument("--client-mode", action="store_true", default=None,
-                        help="behind NAT/firewall: connect out only (others cannot dial this peer)")
-    parser.add_argument("--identity", help="key file for a stable peer id and signing key (created if missing)")
-    parser.add_argument("--token", metavar="FILE",
-                        help="a private swarm's access token (file or string from its researcher); it is also "
-                             "this peer's identity")
-    parser.add_argument("--host", help="interface to listen on (default: 0.0.0.0 for remote swarms, else 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="TCP port to listen on (default 0: a free one)")
-    parser.add_argument("--addr-file", help="write this peer's multiaddrs here, one per line, once it is ready")
-    parser.add_argument("--run-id", help="which swarm, if several advertise through this address")
-    parser.add_argument("--wait-for-peers", type=int, default=1, metavar="N",
-                        help="start training only once N trainers (this one included) are visible (default 1)")
-    parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="how long to retry unreachable addresses before giving up (default 60)")
-    parser.add_argument("--report-json", help="write this peer's outcome (rounds, losses, bytes) here on exit")
-    parser.add_argument("--save-model", metavar="DIR", help="save the final model here (Hugging Face format) on exit")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a per-peer field, e.g. --set peer.seed=7; shared fields must match the swarm")
 
 
 def local_overrides(args: argparse.Namespace) -> list[str]:

@@ -32,32 +32,6 @@ logger = logging.getLogger("swarm.monitor")
 VERSION = "0.1.0"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("addresses", nargs="+", metavar="ADDR", help="multiaddr of any live peer of the swarm")
-    parser.add_argument("--metrics-host", default="127.0.0.1", help="interface for /metrics (default 127.0.0.1)")
-    parser.add_argument("--metrics-port", type=int, default=9100, help="port for /metrics (default 9100; 0: any)")
-    parser.add_argument("--per-peer", action="store_true",
-                        help="also export one series per trainer (bounded only by the swarm's size)")
-    parser.add_argument("--poll-period", type=float, default=5.0, metavar="SECONDS",
-                        help="how often to read the trainers' records from the DHT (default 5)")
-    parser.add_argument("--host", default="127.0.0.1", help="interface for the DHT (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=0, help="TCP port for the DHT (default 0: a free one)")
-    parser.add_argument("--identity", help="key file for a stable peer id (created if missing)")
-    parser.add_argument("--token", metavar="FILE",
-                        help="a private swarm's access token (file or string); it is also this peer's identity")
-    parser.add_argument("--run-id", help="which swarm, if several advertise through this address")
-    parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="how long to retry unreachable addresses before giving up (default 60)")
-    parser.add_argument("--addr-file", help="write the metrics URL here once it serves")
-    group = parser.add_argument_group("checkpoints")
-    group.add_argument("--checkpoint-dir", metavar="DIR", help="save the swarm's model and optimizer state here")
-    group.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
-                       help="save once the swarm has made N more global steps (default 100)")
-    group.add_argument("--keep", type=int, default=3, metavar="K", help="keep the last K checkpoints (default 3)")
-    group.add_argument("--eval-batches", type=int, default=16, metavar="B",
-                       help="evaluate each checkpoint on B held-out batches of 8 sequences (default 16; 0: skip)")
-
-
 def run(args: argparse.Namespace, stop: threading.Event) -> int:
     store = open_checkpoint_store(args)  # an unwritable directory fails now, not at the first save
     try:

@@ -21,33 +21,16 @@ import sys
 import threading
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from peers.common import reinstall_stop_handlers
-from swarm import guard, net, records
-from swarm.access import Access, seed_access
-from swarm.checkpoint import CONFIG_FILE, load_optimizer, load_weights, read_state
-from swarm.checkpoint import resolve as resolve_checkpoint
+from peers.common import reinstall_stop_handlers, route_hivemind_logs
 from swarm.config import SwarmConfig, load_config
-from swarm.discovery import keep_alive_until, publish_config
 from swarm.errors import SwarmError
-from swarm.optimizer import build_state_averager
-from swarm.training import owner_subkey as signing_subkey
+
+if TYPE_CHECKING:
+    from swarm.access import Access
 
 logger = logging.getLogger("swarm.seed")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="swarm config YAML (see configs/); with --resume, default: the checkpoint's")
-    parser.add_argument("--resume", metavar="DIR",
-                        help="start from a checkpoint: a step-N directory, or a --checkpoint-dir (its latest)")
-    parser.add_argument("--host", help="interface to listen on (default: peer.host, 127.0.0.1; 0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, help="TCP port to listen on (default: peer.port; 0 picks a free one)")
-    parser.add_argument("--identity", help="key file for a stable peer id and signing key (created if missing)")
-    parser.add_argument("--addr-file", help="write this peer's multiaddrs here, one per line, once it is ready")
-    parser.add_argument("--private", action="store_true",
-                        help="admit only peers with an access token signed by --identity (see `swarm token`)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config field, e.g. --set averaging.compression=fp16 (repeatable)")
 
 
 def peer_overrides(args: argparse.Namespace) -> list[str]:
@@ -57,12 +40,23 @@ def peer_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace, stop: threading.Event) -> int:
-    checkpoint = resolve_checkpoint(args.resume) if args.resume else None
+    checkpoint = None
+    if args.resume:
+        from swarm.checkpoint import CONFIG_FILE, resolve  # (torch)
+
+        checkpoint = resolve(args.resume)
     if args.config is None and checkpoint is None:
         raise SwarmError("pass --config FILE (a swarm config, see configs/) or --resume DIR (a checkpoint)")
     config = load_config(args.config or checkpoint / CONFIG_FILE, peer_overrides(args))
     if args.private and config.peer.identity is None:
         raise SwarmError("--private needs --identity FILE: tokens are signed with that key, so keep the file")
+    # the network stack only now: a bad config or flag is answered before seconds of importing it
+    from swarm import net, records
+    from swarm.access import seed_access
+    from swarm.discovery import keep_alive_until, publish_config
+    from swarm.training import owner_subkey as signing_subkey
+
+    route_hivemind_logs()
     identity_path, private_key = net.load_identity(config.peer.identity)
     access = seed_access(private_key, identity_path) if args.private else None
     dht = net.start_dht(
@@ -92,7 +86,10 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
 def serve_checkpoint(dht, config: SwarmConfig, path: Path, access: Access | None = None, *,
                      owner_subkey: bytes | None = None):
     """A state averager holding the checkpoint, offered to joining trainers like a trainer's own state."""
+    from swarm import guard
+    from swarm.checkpoint import load_optimizer, load_weights, read_state
     from swarm.model import build_model  # transformers: needed only when resuming
+    from swarm.optimizer import build_state_averager
     from swarm.tokenizer import build_tokenizer
 
     step = read_state(path)["step"]

@@ -20,14 +20,6 @@ from swarm.progress import read_trainer_records
 from swarm.records import TrainerRecord
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("addresses", nargs="+", metavar="ADDR", help="multiaddr of any live peer of the swarm")
-    parser.add_argument("--run-id", help="which swarm, if several advertise through this address")
-    parser.add_argument("--token", metavar="FILE", help="a private swarm's access token (file or string)")
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                        help="how long to retry unreachable addresses before giving up (default 30)")
-
-
 def run(args: argparse.Namespace, stop: threading.Event) -> int:
     dht, _, published = discovery.connect(args.addresses, client_mode=True, run_id=args.run_id,
                                           timeout=args.timeout, access=load_access(args.token))

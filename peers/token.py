@@ -26,17 +26,6 @@ from swarm.errors import SwarmError
 logger = logging.getLogger("swarm.token")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--identity", metavar="SEED_KEY",
-                        help="the private seed's key file (its --identity): tokens are signed with it")
-    parser.add_argument("--name", help="who the token is for (letters, digits, . _ @ -), shown in the peers' logs")
-    parser.add_argument("--expires", default="7d", metavar="DURATION",
-                        help="how long the token is valid: 90s, 30m, 12h, 7d, 2w (default 7d)")
-    parser.add_argument("--out", metavar="FILE", help="write the token here, readable by you only (default: print it)")
-    parser.add_argument("--show", metavar="TOKEN",
-                        help="instead of minting: check a token (file or string) and print whose it is and until when")
-
-
 def run(args: argparse.Namespace, stop: threading.Event) -> int:
     if args.show is not None:
         print(describe(read_token(args.show), args.show))

@@ -42,6 +42,18 @@ def test_monitor_and_status_import_no_training_stack():
     assert result.stdout.strip() == "[]"
 
 
+def test_help_and_bad_configs_answer_before_the_stack_is_imported(tmp_path):
+    """torch and hivemind take seconds to import: `swarm ROLE --help` and a bad seed config need neither."""
+    config = tmp_path / "config.yaml"
+    config.write_text("run_id: x\nmodel:\n  n_layers: 2\n")
+    probe = ("import sys; from peers.cli import ROLES, build_parser, main; [build_parser(name) for name in ROLES]; "
+             f"code = main(['seed', '--config', {str(config)!r}]); "
+             "print(code, sorted({'torch', 'hivemind'} & {m.split('.')[0] for m in sys.modules}))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.stdout.strip() == "2 []", result.stdout + result.stderr
+    assert "unknown field model.n_layers" in result.stderr
+
+
 def test_no_command_is_a_usage_error():
     result = swarm_cli()
     assert result.returncode == 2 and "usage" in result.stderr
