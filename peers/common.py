@@ -25,8 +25,10 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "INFO" if verbose else "WARNING")
+    global _hivemind_level
+    _hivemind_level = logging.INFO if verbose else logging.WARNING
+    logging.getLogger("hivemind").setLevel(_hivemind_level)
     route_hivemind_logs()
-    logging.getLogger("hivemind").setLevel(logging.INFO if verbose else logging.WARNING)
     # bitsandbytes warns on some CPUs that an optional 4-bit kernel package is absent (we use 8-bit codecs
     # only); transformers notes config defaults; asyncio reports tasks hivemind leaves at exit. None of it
     # is actionable for a volunteer.
@@ -55,6 +57,10 @@ def route_hivemind_logs() -> None:
         hivemind_logging.use_hivemind_log_handler("nowhere")
     except Exception:  # another hivemind version: its own handler stays, which is harmless
         pass
+    logging.getLogger("hivemind").setLevel(_hivemind_level)  # (taking its handler away reset the level)
+
+
+_hivemind_level = logging.WARNING  # set by setup_logging
 
 
 def _one_line_thread_error(args) -> None:
