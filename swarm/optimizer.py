@@ -14,6 +14,8 @@ import logging
 import math
 import threading
 import time
+import weakref
+from concurrent.futures import InvalidStateError
 from functools import partial
 from typing import Iterable
 
@@ -38,7 +40,7 @@ from swarm.tracker import ABSURD_STEPS, BoundedProgressTracker
 logger = logging.getLogger(__name__)
 FALLBACK_RETRY_SECONDS = 30.0  # after failing to fetch the swarm's state, a peer alone ahead waits this long
 STALE_ROUND_POLL_SECONDS = 1.0  # how often a trainer checks whether its parameter round has been left behind
-PROGRESS_READ_SECONDS = 10.0  # (the check's DHT read; a DHT process that is gone would never answer)
+PROGRESS_READ_SECONDS = 5.0  # (the check's DHT read; a DHT process that is gone would never answer)
 
 
 class _RemembersLastRound(DecentralizedAverager):
@@ -67,15 +69,16 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._recorded_epoch = -1
         self._joined = False
         self._fallback_retry_at = 0.0
+        self._stop_watching, self._stale_watch = threading.Event(), None
         super().__init__(**kwargs)
-        self._stop_watching = threading.Event()
-        self._stale_watch = threading.Thread(target=self._watch_for_stale_rounds, daemon=True,
-                                             name="stale-round-watch")
+        self._stale_watch = threading.Thread(target=_watch_for_stale_rounds, args=(weakref.ref(self),
+                                             self._stop_watching), daemon=True, name="stale-round-watch")
         self._stale_watch.start()
 
     def shutdown(self):
         self._stop_watching.set()
-        self._stale_watch.join(timeout=5.0)
+        if self._stale_watch is not None:
+            self._stale_watch.join(timeout=PROGRESS_READ_SECONDS + 1.0)
         super().shutdown()
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
@@ -182,16 +185,12 @@ class SwarmOptimizer(hivemind.Optimizer):
                 return  # it has a group: let it finish (bounded by averaging_timeout)
             if time.monotonic() >= deadline:
                 logger.info("Calling off a parameter averaging round without a group after %.0f s: %s", grace, why)
-                control.cancel()
+                try:
+                    control.cancel()
+                except InvalidStateError:  # called off (or finished) elsewhere in the meantime
+                    pass
                 return
             time.sleep(0.1)
-
-    def _watch_for_stale_rounds(self) -> None:
-        while not self._stop_watching.wait(STALE_ROUND_POLL_SECONDS):
-            try:
-                self.call_off_stale_round()
-            except Exception as error:  # (a DHT that is shutting down): never let the watch end a trainer
-                logger.debug("Could not check for a stale parameter averaging round: %s", error)
 
     def call_off_stale_round(self) -> bool:
         """Cancel the background parameter-averaging round when it is still looking for a group one matchmaking
@@ -210,29 +209,36 @@ class SwarmOptimizer(hivemind.Optimizer):
                 control.stage not in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP) or \
                 get_dht_time() < control.scheduled_time + self.matchmaking_time:
             return False
-        past = self._peers_past(epoch)
-        if not past or control.done() or control.stage not in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
+        past, others = self._peers_past(epoch)
+        if not past or 2 * past < others or control.done() or \
+                control.stage not in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
             return False
-        logger.info("Calling off the parameter averaging round for step %d, still without a group: %d peer(s) "
-                    "finished that step already", epoch, past)
-        control.cancel()
+        logger.info("Calling off the parameter averaging round for step %d, still without a group: %d of %d other "
+                    "trainers finished that step already", epoch, past, others)
+        try:
+            control.cancel()
+        except InvalidStateError:  # called off (or finished) elsewhere in the meantime
+            return False
         return True
 
-    def _peers_past(self, epoch: int) -> int:
-        """How many other trainers' progress records in the DHT claim an epoch past ``epoch`` (an absurd claim is
-        not counted; a false one can only make us give up a round that was already late)."""
+    def _peers_past(self, epoch: int) -> tuple[int, int]:
+        """How many other trainers' progress records in the DHT claim an epoch past ``epoch``, and how many records
+        of other trainers there are. It takes half of them: one trainer alone ahead, or one that lies, does not
+        call off our round (an absurd claim is not counted at all)."""
         found = self.dht.get(self.tracker.training_progress_key, latest=True, return_future=True).result(
             timeout=PROGRESS_READ_SECONDS)
         if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
-            return 0
-        own, past = self.dht.peer_id.to_bytes(), 0
+            return 0, 0
+        own, past, others = self.dht.peer_id.to_bytes(), 0, 0
         for item in found.value.values():
             try:
                 peer = LocalTrainingProgress.parse_obj(item.value)
             except Exception:
                 continue
-            past += peer.peer_id != own and not peer.client_mode and epoch < peer.epoch <= epoch + ABSURD_STEPS
-        return past
+            if peer.peer_id != own:
+                others += 1
+                past += epoch < peer.epoch <= epoch + ABSURD_STEPS
+        return past, others
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         began = super()._begin_averaging_gradients(grad_scaler)
@@ -252,6 +258,20 @@ class SwarmOptimizer(hivemind.Optimizer):
         except BaseException as error:
             self._record("failed", 1, f"{type(error).__name__}: {error}"[:200])
         self._load_local_gradients_into_optimizer()
+
+
+def _watch_for_stale_rounds(optimizer_ref: weakref.ref, stop: threading.Event) -> None:
+    """The thread behind ``SwarmOptimizer.call_off_stale_round`` (it holds the optimizer weakly, so that an
+    optimizer nobody shut down is still collected, and shut down, by hivemind's ``__del__``)."""
+    while not stop.wait(STALE_ROUND_POLL_SECONDS):
+        optimizer = optimizer_ref()
+        if optimizer is None:
+            return
+        try:
+            optimizer.call_off_stale_round()
+        except Exception as error:  # (a DHT that is shutting down): never let the watch end a trainer
+            logger.debug("Could not check for a stale parameter averaging round: %s", error)
+        del optimizer
 
 
 def build_optimizer(

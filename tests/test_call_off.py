@@ -59,7 +59,9 @@ def test_a_parameter_round_without_a_group_is_called_off():
 
 def test_a_parameter_round_is_called_off_once_another_peer_finished_its_step():
     config = load_config(TINY)
-    config = config.model_copy(update=dict(timeouts=config.timeouts.model_copy(update=dict(matchmaking=1.0))))
+    # (a long averaging timeout: the round must not end by timing out while the test waits on a loaded machine)
+    timeouts = config.timeouts.model_copy(update=dict(matchmaking=1.0, averaging=120.0))
+    config = config.model_copy(update=dict(timeouts=timeouts))
     dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     other_dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dht.get_visible_maddrs())
     optimizer = other = None
@@ -75,8 +77,8 @@ def test_a_parameter_round_is_called_off_once_another_peer_finished_its_step():
         other = ProgressTracker(other_dht, prefix="lonely", target_batch_size=config.averaging.target_batch_size,
                                 min_refresh_period=0.2, default_refresh_period=0.2, private_key=RSAPrivateKey(), start=True)
         other.report_local_progress(local_epoch=1, samples_accumulated=8)
-        wait_until(lambda: optimizer._peers_past(0) == 1)
-        assert optimizer._peers_past(0) == 1  # its record is there, at step 1
+        wait_until(lambda: optimizer._peers_past(0) == (1, 1))
+        assert optimizer._peers_past(0) == (1, 1)  # its record is there, at step 1
         time.sleep(3 * config.timeouts.matchmaking)  # looking well past its start: the watch had its chances
         assert not round_.done(), "called off while no peer had finished its step"
         assert not optimizer.call_off_stale_round()
