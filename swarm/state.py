@@ -5,8 +5,9 @@ priority in an unsigned registry, and loads whatever arrives. Here:
 
 - ``verified_state_averager(cls)`` gives a hivemind ``TrainingStateAverager`` (sub)class whose downloads go donor by
   donor: the averager's process fetches one donor's state (skipping donors already refused, and trying donors
-  refused in earlier downloads last), and the caller's process checks it before it is loaded. Donors offer their state in a signed registry (``{prefix}_donors``: one
-  entry per owner key, naming the peer id of that key), so nobody can list, promote or hide another peer.
+  whose state was found bad in earlier downloads last), and the caller's process checks it before it is loaded.
+  Donors offer their state in a signed registry (``{prefix}_donors``: one entry per owner key, naming the peer id
+  of that key), so nobody can list, promote or hide another peer.
 - ``StateCheck`` is that check: the right number of tensors with the shapes and dtypes of our own, all finite, Adam's
   second moments non-negative, an epoch no further ahead than the swarm's progress records support, and parameters
   that agree with the digests the other trainers publish in their signed progress records (``state_digest``: the
@@ -51,6 +52,11 @@ MAX_DONORS_TRIED = 8
 REFUSED_DONOR_SECONDS = 600.0  # a donor whose state was refused is tried after all others for this long
 
 Check = Callable[[dict, Sequence[torch.Tensor]], "str | None"]
+
+
+class Unplaced(str):
+    """A refusal that says nothing against the donor: the state's step is not one our view of the swarm places
+    (a donor that has just stepped, seen through progress records fetched a moment earlier)."""
 
 
 class _VerifiedDownload(DecentralizedAverager):
@@ -109,7 +115,8 @@ class _VerifiedDownload(DecentralizedAverager):
             logger.warning("Refusing the state served by peer %s: %s; trying another peer",
                            PeerID(donor).to_base58(), problem)
             refused.append(donor)
-            self.refused_until[donor] = get_dht_time() + REFUSED_DONOR_SECONDS
+            if not isinstance(problem, Unplaced):
+                self.refused_until[donor] = get_dht_time() + REFUSED_DONOR_SECONDS
         logger.warning("Refused the state of %d donors in a row; keeping this peer's own state", len(refused))
         return None
 
@@ -132,6 +139,7 @@ class _VerifiedDownload(DecentralizedAverager):
                 if metadata is not None:
                     _settle(future, (peer.to_bytes(), metadata, tensors))
                     return
+                logger.warning("Could not download the state from %s: it served none", peer)
         finally:
             _settle(future, None)
 
@@ -259,7 +267,7 @@ class StateCheck:
             return "its metadata has no valid step"
         epoch, (bound, digests) = metadata["epoch"], self.swarm_view()
         if bound is not None and epoch > bound:
-            return f"it claims step {epoch}, but the swarm's progress records support at most {bound}"
+            return Unplaced(f"it claims step {epoch}, but the swarm's progress records support at most {bound}")
         problem = self._layout(tensors)
         if problem is None:
             problem = self._agreement(digests, epoch, tensors[: self.num_parameters])
@@ -293,7 +301,8 @@ class StateCheck:
         published = sum(len(ds) for ds in digests.values())
         if len(near) < 2:
             if published >= 2:
-                return f"it claims step {epoch}, but none of the {published} trainers' records is near that step"
+                return Unplaced(f"it claims step {epoch}, but none of the {published} trainers' records is near "
+                                "that step")
             logger.info("Could not cross-check the downloaded state: %d trainers publish a digest", published)
             return None
         distance = self._distance(ours, torch.tensor(near).median(dim=0).values)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from swarm.state import DIGEST_TOLERANCE, StateCheck, digest_scales, second_moment_indices, state_digest
+from swarm.state import DIGEST_TOLERANCE, StateCheck, Unplaced, digest_scales, second_moment_indices, state_digest
 
 
 def make_state(seed: int = 0):
@@ -70,6 +70,7 @@ def test_a_step_beyond_what_the_swarm_supports_is_refused():
     params, optimizer, opt = make_state()
     problem = checker(params, optimizer, opt, bound=7)({"epoch": 10**12}, params + opt)
     assert problem is not None and "support at most 7" in problem
+    assert isinstance(problem, Unplaced)  # (our view may be behind: the donor is not tried last for it)
 
 
 def test_a_foreign_model_is_refused():
@@ -78,12 +79,14 @@ def test_a_foreign_model_is_refused():
     trainers = {5: [state_digest(params)] * 3}
     problem = checker(params, optimizer, opt, bound=6, digests=trainers)({"epoch": 5}, foreign + opt)
     assert problem is not None and "differ" in problem and f"allowed {DIGEST_TOLERANCE}" in problem
+    assert not isinstance(problem, Unplaced)  # a bad state: its donor is tried last from now on
 
 
 def test_a_step_far_from_every_trainer_is_refused():
     params, optimizer, opt = make_state()
     problem = checker(params, optimizer, opt, digests={50: [state_digest(params)] * 2})({"epoch": 5}, params + opt)
     assert problem is not None and "near that step" in problem
+    assert isinstance(problem, Unplaced)
 
 
 def test_at_step_zero_only_the_configs_initial_model_passes():
