@@ -194,8 +194,8 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def call_off_stale_round(self) -> bool:
         """Cancel the background parameter-averaging round when it is still looking for a group one matchmaking
-        time after it should have begun and another peer has already finished the step it is for: the group it
-        was meant for has averaged without it. Returns whether it was called off.
+        time after it should have begun and at least half of the other trainers have finished the step it is for:
+        the group it was meant for has averaged without it. Returns whether it was called off.
 
         hivemind runs the next optimizer step only after that round ends (one executor thread), so a trainer cut
         off from the swarm sat in its step until ``averaging_timeout`` after its link came back, while the swarm
