@@ -27,7 +27,6 @@ def setup_logging(verbose: bool = False) -> None:
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "INFO" if verbose else "WARNING")
     global _hivemind_level
     _hivemind_level = logging.INFO if verbose else logging.WARNING
-    logging.getLogger("hivemind").setLevel(_hivemind_level)
     route_hivemind_logs()
     # bitsandbytes warns on some CPUs that an optional 4-bit kernel package is absent (we use 8-bit codecs
     # only); transformers notes config defaults; asyncio reports tasks hivemind leaves at exit. None of it
@@ -48,16 +47,15 @@ def setup_logging(verbose: bool = False) -> None:
 def route_hivemind_logs() -> None:
     """hivemind installs its own log handler when it is imported: send its records through ours instead. Call it
     once hivemind is imported (roles import it lazily, so that bad input is answered before seconds of imports);
-    before that it does nothing."""
-    if "hivemind.utils.logging" not in sys.modules:
-        return
-    try:
-        from hivemind.utils import logging as hivemind_logging
+    before that it only sets the level of hivemind's loggers."""
+    if "hivemind.utils.logging" in sys.modules:
+        try:
+            from hivemind.utils import logging as hivemind_logging
 
-        hivemind_logging.use_hivemind_log_handler("nowhere")
-    except Exception:  # another hivemind version: its own handler stays, which is harmless
-        pass
-    logging.getLogger("hivemind").setLevel(_hivemind_level)  # (taking its handler away reset the level)
+            hivemind_logging.use_hivemind_log_handler("nowhere")
+        except Exception:  # another hivemind version: its own handler stays, which is harmless
+            pass
+    logging.getLogger("hivemind").setLevel(_hivemind_level)  # (taking its handler away resets the level)
 
 
 _hivemind_level = logging.WARNING  # set by setup_logging

@@ -169,8 +169,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         brings a state that is already one step old. (A round with a group is still joined with weight 0, as
         hivemind does, so that the group's all-reduce does not wait for our parts.)"""
         control = self.scheduled_grads
-        if control is not None and not control.done() and not control.triggered and \
-                control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
+        if control is not None and not control.triggered and _looking_for_group(control):
             control.cancel()
             self.scheduled_grads = None
 
@@ -181,14 +180,11 @@ class SwarmOptimizer(hivemind.Optimizer):
         control = self.state_averager.last_round  # (_RemembersLastRound)
         deadline = time.monotonic() + grace
         while control is not None and not control.done():
-            if control.stage not in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
+            if not _looking_for_group(control):
                 return  # it has a group: let it finish (bounded by averaging_timeout)
             if time.monotonic() >= deadline:
                 logger.info("Calling off a parameter averaging round without a group after %.0f s: %s", grace, why)
-                try:
-                    control.cancel()
-                except InvalidStateError:  # called off (or finished) elsewhere in the meantime
-                    pass
+                _cancel(control)
                 return
             time.sleep(0.1)
 
@@ -205,21 +201,15 @@ class SwarmOptimizer(hivemind.Optimizer):
         full speed (and run ahead of the swarm it will come back to)."""
         averager = self.state_averager
         control, epoch = averager.last_round, averager.last_round_epoch  # (_RemembersLastRound)
-        if control is None or epoch is None or control.done() or \
-                control.stage not in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP) or \
+        if control is None or epoch is None or not _looking_for_group(control) or \
                 get_dht_time() < control.scheduled_time + self.matchmaking_time:
             return False
         past, others = self._peers_past(epoch)
-        if not past or 2 * past < others or control.done() or \
-                control.stage not in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
+        if not past or 2 * past < others or not _looking_for_group(control):
             return False
         logger.info("Calling off the parameter averaging round for step %d, still without a group: %d of %d other "
                     "trainers finished that step already", epoch, past, others)
-        try:
-            control.cancel()
-        except InvalidStateError:  # called off (or finished) elsewhere in the meantime
-            return False
-        return True
+        return _cancel(control)
 
     def _peers_past(self, epoch: int) -> tuple[int, int]:
         """How many other trainers' progress records in the DHT claim an epoch past ``epoch``, and how many records
@@ -258,6 +248,20 @@ class SwarmOptimizer(hivemind.Optimizer):
         except BaseException as error:
             self._record("failed", 1, f"{type(error).__name__}: {error}"[:200])
         self._load_local_gradients_into_optimizer()
+
+
+def _looking_for_group(control: StepControl) -> bool:
+    """A round not over and without a group yet: calling it off fails nobody's all-reduce."""
+    return not control.done() and control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)
+
+
+def _cancel(control: StepControl) -> bool:
+    """Cancel a round from any thread; False if it was called off (or finished) elsewhere in the meantime."""
+    try:
+        control.cancel()
+    except InvalidStateError:
+        return False
+    return True
 
 
 def _watch_for_stale_rounds(optimizer_ref: weakref.ref, stop: threading.Event) -> None:

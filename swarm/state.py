@@ -90,10 +90,8 @@ class _VerifiedDownload(DecentralizedAverager):
             raise ValueError("verified state downloads are synchronous")
         refused: list[bytes] = []
         self.loaded_from = None
-        if self.refused_until is None:
-            self.refused_until = {}
         now = get_dht_time()
-        self.refused_until = {donor: until for donor, until in self.refused_until.items() if until > now}
+        self.refused_until = {donor: until for donor, until in (self.refused_until or {}).items() if until > now}
         for _ in range(MAX_DONORS_TRIED):
             future = MPFuture()
             self._outer_pipe.send(("_download_state_from", [], dict(future=future, timeout=timeout,

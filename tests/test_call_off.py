@@ -1,8 +1,8 @@
 """A trainer's background parameter-averaging round that finds no group is called off instead of holding the
-trainer for ``averaging_timeout`` (SwarmOptimizer.call_off_lonely_round), also as soon as another peer has finished
-the step it is for (SwarmOptimizer.call_off_stale_round), and a trainer catching up by download drops a gradient
-round without a group and looks for the swarm's current one: a real optimizer with its averager processes and a DHT
-on 127.0.0.1, alone, so its rounds can never find a group."""
+trainer for ``averaging_timeout`` (SwarmOptimizer.call_off_lonely_round), also as soon as half of the other trainers
+have finished the step it is for (SwarmOptimizer.call_off_stale_round), and a trainer catching up by download drops
+a gradient round without a group and looks for the swarm's current one: a real optimizer with its averager
+processes and a DHT on 127.0.0.1, alone, so its rounds can never find a group."""
 
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ def test_a_parameter_round_is_called_off_once_another_peer_finished_its_step():
         assert epoch == 1 and not round_.done(), (epoch, round_)
         # a peer (with no averager: no group can form) that has not finished step 1 yet
         other = ProgressTracker(other_dht, prefix="lonely", target_batch_size=config.averaging.target_batch_size,
-                                min_refresh_period=0.2, default_refresh_period=0.2, private_key=RSAPrivateKey(), start=True)
+                                min_refresh_period=0.2, default_refresh_period=0.2, private_key=RSAPrivateKey(),
+                                start=True)
         other.report_local_progress(local_epoch=1, samples_accumulated=8)
         wait_until(lambda: optimizer._peers_past(0) == (1, 1))
         assert optimizer._peers_past(0) == (1, 1)  # its record is there, at step 1
