@@ -35,10 +35,10 @@ from swarm.compression import build_compression, counting_averager
 from swarm.config import AveragingConfig, OptimizerConfig, TimeoutsConfig
 from swarm.rounds import PartialRoundWatch, Round, RoundLog
 from swarm.state import check_downloads, verified_state_averager
-from swarm.tracker import ABSURD_STEPS, BoundedProgressTracker
+from swarm.tracker import ABSURD_STEPS, QUORUM_AHEAD, BoundedProgressTracker
 
 logger = logging.getLogger(__name__)
-FALLBACK_RETRY_SECONDS = 30.0  # after failing to fetch the swarm's state, a peer alone ahead waits this long
+FALLBACK_RETRY_SECONDS = 30.0  # after failing to fetch the swarm's state, a peer ahead or behind waits this long
 STALE_ROUND_POLL_SECONDS = 1.0  # how often a trainer checks whether its parameter round has been left behind
 PROGRESS_READ_SECONDS = 5.0  # (the check's DHT read; a DHT process that is gone would never answer)
 
@@ -69,7 +69,9 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._recorded_epoch = -1
         self._joined = False
         self._fallback_retry_at = 0.0
+        self._download_seconds = 0.0  # how long the last successful download of the swarm's state took
         self._stop_watching, self._stale_watch = threading.Event(), None
+        self._first_seen: dict[bytes, tuple[int, float]] = {}  # trainer -> (epoch, its record's time when first seen)
         super().__init__(**kwargs)
         self._stale_watch = threading.Thread(target=_watch_for_stale_rounds, args=(weakref.ref(self),
                                              self._stop_watching), daemon=True, name="stale-round-watch")
@@ -111,7 +113,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.round_log.record(Round(step=step, outcome=outcome, group_size=group_size, reason=reason))
 
     def _should_load_state_from_peers(self) -> bool:
-        if self._ran_ahead_alone() is not None:
+        if self._ran_ahead_alone() is not None or self._left_behind():
             return True
         if self.local_epoch > self.tracker.global_epoch:  # a view fetched before our own download, or peers that
             return False  # have yet to step: nobody has a newer state (hivemind re-downloaded ours, dropping a round)
@@ -125,6 +127,22 @@ class SwarmOptimizer(hivemind.Optimizer):
             return None
         return majority
 
+    def _left_behind(self) -> bool:
+        """Whether the swarm finished our step without us: at least two other trainers, and half of them, have been
+        past our step for a matchmaking time, and we have no gradient round in a group. hivemind lets a peer one
+        step behind go on (the others may have just stepped) and checks exact sync only right after a step of our
+        own: a trainer whose link came back, or a newcomer whose download arrived after the swarm's round, went on
+        one step behind, and its next round for the old step fell into the swarm's round for the next one (rounds
+        carry no step). Seen as a healed trainer back in sync three steps late. A round already in a group is for
+        the step the others are finishing: we are in it, not behind."""
+        since = self.tracker.behind_since(self.local_epoch)
+        if since is None or get_dht_time() - since < self.matchmaking_time or \
+                time.monotonic() < self._fallback_retry_at:
+            return False
+        control = self.scheduled_grads
+        return control is None or _looking_for_group(control) or control.cancelled() or \
+            (control.done() and control.exception() is not None)
+
     def load_state_from_peers(self, **kwargs) -> None:
         behind_at, majority = self.local_epoch, self._ran_ahead_alone()
         if self._joined:
@@ -134,24 +152,49 @@ class SwarmOptimizer(hivemind.Optimizer):
             logger.warning("This peer stepped alone to step %d while the swarm is at step %d; taking the swarm's "
                            "state", behind_at, majority)
             self.state_averager.local_epoch = majority  # (hivemind refuses a state older than our own epoch)
+        else:
+            self._wait_for_the_step_boundary()
+        began = time.monotonic()
         super().load_state_from_peers(**kwargs)
-        if majority is not None and self.state_averager.loaded_from is None:  # no verified state: keep ours
+        if self.state_averager.loaded_from is not None:
+            self._download_seconds = time.monotonic() - began
+        if self._joined and self.state_averager.loaded_from is None:  # no verified state: not again at once
+            self._fallback_retry_at = time.monotonic() + FALLBACK_RETRY_SECONDS
+        if majority is not None and self.state_averager.loaded_from is None:  # keep ours
             self.state_averager.local_epoch = behind_at
             self.tracker.report_local_progress(local_epoch=behind_at, samples_accumulated=0)
-            self._fallback_retry_at = time.monotonic() + FALLBACK_RETRY_SECONDS
             return
         if self._joined:  # mid-run: the gradients this peer accumulated were dropped
             where = "ran ahead of the swarm alone" if majority is not None else "fell behind the swarm"
             got = (f"downloaded its state at step {self.local_epoch}" if self.state_averager.loaded_from is not None
                    else "no peer served a state that passed the checks")
             self._record("skipped", 1, f"{where}; {got}", step=behind_at)
-            if self.state_averager.loaded_from is not None:
-                self._look_for_the_current_round()
+        if self.state_averager.loaded_from is not None:
+            self._look_for_the_current_round()
         self._joined = True
 
+    def _wait_for_the_step_boundary(self) -> None:
+        """Before downloading the swarm's state: if the swarm's step ends before a download (as long as the last
+        one, or one matchmaking time) and a matchmaking could be done, wait until it has ended (an averaging
+        timeout at most). The state would otherwise arrive too late to join the step's round, or one step old:
+        seen as a newcomer that downloaded step 7 a second after the swarm stepped to 8, downloaded again, and
+        fell into the swarm's next round one step behind. Only when at least two other trainers are at that step:
+        with fewer, the step's round may need us (a peer waiting here once left a lone partner failing its rounds
+        until the wait ran out)."""
+        tracker = self.tracker
+        lead = self.matchmaking_time + (self._download_seconds or self.matchmaking_time)
+        epoch, due = tracker.global_epoch, tracker.global_progress.eta_next_epoch - get_dht_time()
+        at_step = sum(claim >= epoch for claim in tracker.other_epochs)
+        if not -self.averaging_timeout < due <= lead or at_step < QUORUM_AHEAD:
+            return  # (an end long overdue: a swarm that is stalled, or an estimate that is off)
+        logger.debug("The swarm's step %d ends in %.1f s: downloading its state after that", epoch, due)
+        deadline = time.monotonic() + max(due, 0.0) + self.averaging_timeout
+        while tracker.global_epoch <= epoch and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     def _look_for_the_current_round(self) -> None:
-        """After a catch-up download, start looking for the swarm's round now if it ends within the averaging
-        timeout. hivemind starts looking only after the next micro-batch and within one matchmaking time of the
+        """After a download (on joining or catching up), start looking for the swarm's round now if it ends
+        within the averaging timeout. hivemind starts looking only after the next micro-batch and within one matchmaking time of the
         step's end; a peer that caught up late (or whose micro-batches are slow on a loaded machine) then missed
         the round, ended the step behind, and fell into the next step's round: seen as a trainer that downloaded
         the state every other step. Its trigger comes with its next micro-batch, as for any peer in a group."""
@@ -190,45 +233,69 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def call_off_stale_round(self) -> bool:
         """Cancel the background parameter-averaging round when it is still looking for a group one matchmaking
-        time after it should have begun and at least half of the other trainers have finished the step it is for:
+        time after it should have begun and at least half of the other trainers are done with the step it is for:
         the group it was meant for has averaged without it. Returns whether it was called off.
 
-        hivemind runs the next optimizer step only after that round ends (one executor thread), so a trainer cut
-        off from the swarm sat in its step until ``averaging_timeout`` after its link came back, while the swarm
-        went on: seen as a healed peer back in sync three steps late. The check reads the progress records from
-        the DHT itself, because the tracker pauses its updates for the whole global step, i.e. while blocked. A
-        trainer that is still cut off sees no such record and waits out its round, so it does not step alone at
-        full speed (and run ahead of the swarm it will come back to)."""
+        A trainer is done with the step when its progress record claims a later one, or when its records have
+        shown it at that step for a matchmaking time while our round was looking: had the two of us been in touch,
+        our rounds would have grouped by then. hivemind runs the next optimizer step only after that round ends
+        (one executor thread), so a trainer cut off from the swarm sat in its step until ``averaging_timeout``
+        after its link came back, while the swarm went on: seen as a healed peer back in sync three steps late.
+        The check reads the progress records from the DHT itself, because the tracker pauses its updates for the
+        whole global step, i.e. while blocked. A trainer still cut off sees no new record and waits out its
+        round, so it does not step alone at full speed (and run ahead of the swarm it will come back to)."""
         averager = self.state_averager
         control, epoch = averager.last_round, averager.last_round_epoch  # (_RemembersLastRound)
         if control is None or epoch is None or not _looking_for_group(control) or \
                 get_dht_time() < control.scheduled_time + self.matchmaking_time:
             return False
-        past, others = self._peers_past(epoch)
-        if not past or 2 * past < others or not _looking_for_group(control):
+        done, others = self._peers_done(epoch, looking_since=control.scheduled_time - self.matchmaking_time)
+        if not done or 2 * done < others or not _looking_for_group(control):
             return False
         logger.info("Calling off the parameter averaging round for step %d, still without a group: %d of %d other "
-                    "trainers finished that step already", epoch, past, others)
+                    "trainers are done with that step", epoch, done, others)
         return _cancel(control)
 
-    def _peers_past(self, epoch: int) -> tuple[int, int]:
-        """How many other trainers' progress records in the DHT claim an epoch past ``epoch``, and how many records
-        of other trainers there are. It takes half of them: one trainer alone ahead, or one that lies, does not
-        call off our round (an absurd claim is not counted at all)."""
+    def call_off_stale_gradient_round(self) -> bool:
+        """Cancel our gradient round for the current step while it is still looking for a group and the swarm has
+        finished that step (at least two other trainers, and half of them, are past it; see ``behind_since``).
+        Rounds carry no step: it could only fall into the swarm's round for the next step, averaging gradients
+        taken at other parameters, and leave this peer one step behind, round after round (seen as a newcomer
+        whose download came a second too late for the swarm's round). The peer then steps with its own gradients
+        and downloads the swarm's state (``_left_behind``). Returns whether it was called off."""
+        control, epoch = self.scheduled_grads, self.local_epoch
+        if control is None or not _looking_for_group(control) or self.tracker.behind_since(epoch) is None:
+            return False
+        logger.info("Calling off the gradient averaging round for step %d, still without a group: the swarm has "
+                    "finished that step", epoch)
+        return _cancel(control)
+
+    def _peers_done(self, epoch: int, looking_since: float) -> tuple[int, int]:
+        """How many other trainers' progress records in the DHT show them done with ``epoch`` (see
+        ``call_off_stale_round``; our round has been looking for a group since ``looking_since``), and how many
+        records of other trainers there are. It takes half of them: one trainer alone ahead, or one that lies,
+        does not call off our round (an absurd claim is not counted at all)."""
         found = self.dht.get(self.tracker.training_progress_key, latest=True, return_future=True).result(
             timeout=PROGRESS_READ_SECONDS)
         if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
             return 0, 0
-        own, past, others = self.dht.peer_id.to_bytes(), 0, 0
+        own, done, others, first_seen = self.dht.peer_id.to_bytes(), 0, 0, {}
         for item in found.value.values():
             try:
                 peer = LocalTrainingProgress.parse_obj(item.value)
             except Exception:
                 continue
-            if peer.peer_id != own:
-                others += 1
-                past += epoch < peer.epoch <= epoch + ABSURD_STEPS
-        return past, others
+            if peer.peer_id == own:
+                continue
+            seen_epoch, seen_at = self._first_seen.get(peer.peer_id, (None, 0.0))
+            if seen_epoch != peer.epoch:
+                seen_at = peer.time
+            first_seen[peer.peer_id] = (peer.epoch, seen_at)
+            others += 1
+            done += epoch < peer.epoch <= epoch + ABSURD_STEPS or (
+                peer.epoch == epoch and peer.time - max(seen_at, looking_since) >= self.matchmaking_time)
+        self._first_seen = first_seen  # (only the trainers in this read: bounded by the records)
+        return done, others
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         began = super()._begin_averaging_gradients(grad_scaler)
@@ -272,6 +339,7 @@ def _watch_for_stale_rounds(optimizer_ref: weakref.ref, stop: threading.Event) -
         if optimizer is None:
             return
         try:
+            optimizer.call_off_stale_gradient_round()
             optimizer.call_off_stale_round()
         except Exception as error:  # (a DHT that is shutting down): never let the watch end a trainer
             logger.debug("Could not check for a stale parameter averaging round: %s", error)

@@ -21,7 +21,9 @@ The other side of the first rule: an honest peer can run ahead alone (it started
 loading, or it was cut off and stepped by itself). The others will not follow it, so it must come back to them:
 when at least QUORUM_AHEAD other peers claim steps and none is within one step of ours, for ALONE_SECONDS on end
 (a peer that fell behind a moment ago is catching up, not a swarm elsewhere), ``majority_step`` names the step they
-support, and the optimizer downloads their state (see ``SwarmOptimizer``).
+support, and the optimizer downloads their state (see ``SwarmOptimizer``). The mirror case: when at least
+QUORUM_AHEAD other peers, and at least half of them, claim steps past ours, ``behind_since`` says since when; a peer
+still at the old step a while later has missed the swarm's round (see ``SwarmOptimizer._left_behind``).
 
 For that, peers must see each other's progress while out of sync. hivemind publishes a peer's progress only while
 it is in sync with the largest epoch it believes: peers that fell behind a lone leader vanished from everyone's
@@ -66,6 +68,8 @@ class BoundedProgressTracker(ProgressTracker):
         self._distrusted: dict[bytes, float] = {}  # peer id -> until when its records are ignored
         self.majority_step: int | None = None  # set while we are alone ahead of QUORUM_AHEAD peers (see above)
         self._alone_since: float | None = None
+        self._behind: tuple[int, float] | None = None  # (our epoch, since when) while the swarm is past it
+        self.other_epochs: list[int] = []  # the steps the other trainers claimed in the last refresh
         self.alone_seconds = max(ALONE_SECONDS, ALONE_STEPS * self.min_step_seconds)
         super().__init__(*args, **kwargs)
 
@@ -99,6 +103,8 @@ class BoundedProgressTracker(ProgressTracker):
     def _parse_swarm_progress_data(self, metadata) -> GlobalTrainingProgress:
         if isinstance(metadata, dict) and metadata and hasattr(self, "local_progress"):
             metadata = self._bounded(metadata)
+        else:
+            self._behind, self.other_epochs = None, []  # nobody else in view
         return super()._parse_swarm_progress_data(metadata)
 
     def _bounded(self, metadata: dict) -> dict:
@@ -166,7 +172,7 @@ class BoundedProgressTracker(ProgressTracker):
         own = self.local_progress.epoch
         claims = sorted((p.epoch for p in peers if not p.client_mode and p.peer_id != self.dht.peer_id.to_bytes()),
                         reverse=True)
-        alone = False
+        self.other_epochs, alone = claims, False
         if len(claims) >= QUORUM_AHEAD:
             supported = claims[QUORUM_AHEAD - 1]
             alone = claims[0] < own - 1  # we ran ahead alone: the swarm is elsewhere
@@ -176,10 +182,21 @@ class BoundedProgressTracker(ProgressTracker):
         else:
             supported = own
         now = get_dht_time()
+        past = sum(own < claim <= own + ABSURD_STEPS for claim in claims)
+        if past < QUORUM_AHEAD or 2 * past < len(claims):
+            self._behind = None
+        elif self._behind is None or self._behind[0] != own:
+            self._behind = (own, now)
         if not alone or self._alone_since is None:
             self._alone_since = now if alone else None
         self.majority_step = supported if alone and now - self._alone_since >= self.alone_seconds else None
         return max(own + 1, supported)
+
+    def behind_since(self, epoch: int) -> float | None:
+        """Since when (DHT time) at least QUORUM_AHEAD other peers, and at least half of them, have claimed steps
+        past ``epoch``, as last seen while we were at ``epoch``; None if they do not."""
+        behind = self._behind
+        return behind[1] if behind is not None and behind[0] == epoch else None
 
     def _warn_once(self, peer_id: bytes, peer: LocalTrainingProgress, changes: dict,
                    message: str = "Bounding the progress claims of peer %s: %s (to %s)") -> None:

@@ -57,7 +57,7 @@ def test_a_parameter_round_without_a_group_is_called_off():
         dht.shutdown()
 
 
-def test_a_parameter_round_is_called_off_once_another_peer_finished_its_step():
+def test_a_parameter_round_is_called_off_once_the_others_are_done_with_its_step():
     config = load_config(TINY)
     # (a long averaging timeout: the round must not end by timing out while the test waits on a loaded machine)
     timeouts = config.timeouts.model_copy(update=dict(matchmaking=1.0, averaging=120.0))
@@ -68,29 +68,47 @@ def test_a_parameter_round_is_called_off_once_another_peer_finished_its_step():
     try:
         optimizer = lonely_optimizer(dht, config)
         averager = optimizer.state_averager
-        averager.step(increment_epoch=True, averaging_round=True, delay_averaging=True,
-                      averaging_opts=dict(timeout=config.timeouts.averaging))  # the round for step 1
-        wait_until(lambda: averager.last_round is not None)
-        round_, epoch = averager.last_round, averager.last_round_epoch
-        assert epoch == 1 and not round_.done(), (epoch, round_)
-        # a peer (with no averager: no group can form) that has not finished step 1 yet
+
+        def begin_round(step: int):
+            averager.step(increment_epoch=True, averaging_round=True, delay_averaging=True,
+                          averaging_opts=dict(timeout=config.timeouts.averaging))
+            wait_until(lambda: averager.last_round_epoch == step)
+            assert averager.last_round_epoch == step and not averager.last_round.done(), averager.last_round
+            return averager.last_round
+
+        def other_at(epoch: int, samples: int = 8):
+            if epoch != other.local_progress.epoch:
+                with other.pause_updates():
+                    other.update_epoch(epoch)
+            other.report_local_progress(local_epoch=epoch, samples_accumulated=samples)
+
+        round_ = begin_round(1)
+        # a peer (with no averager: no group can form) that reached step 1 and then made no more progress that we
+        # could see: as a cut-off trainer sees the records it fetched before the cut
         other = ProgressTracker(other_dht, prefix="lonely", target_batch_size=config.averaging.target_batch_size,
                                 min_refresh_period=0.2, default_refresh_period=0.2, private_key=RSAPrivateKey(),
                                 start=True)
-        other.report_local_progress(local_epoch=1, samples_accumulated=8)
-        wait_until(lambda: optimizer._peers_past(0) == (1, 1))
-        assert optimizer._peers_past(0) == (1, 1)  # its record is there, at step 1
+        other_at(1)
+        wait_until(lambda: optimizer._peers_done(1, looking_since=get_dht_time())[1] == 1)
+        assert optimizer._peers_done(1, looking_since=get_dht_time()) == (0, 1)  # its record is there, at step 1
         time.sleep(3 * config.timeouts.matchmaking)  # looking well past its start: the watch had its chances
-        assert not round_.done(), "called off while no peer had finished its step"
+        assert not round_.done(), "called off while no peer was seen training at its step"
         assert not optimizer.call_off_stale_round()
 
-        with other.pause_updates():
-            other.update_epoch(2)  # the other peer finished step 1: the round's group is gone
-        other.report_local_progress(local_epoch=2, samples_accumulated=8)
+        for samples in range(9, 40):  # the peer trains on at step 1: had it been in touch, we would have grouped
+            other_at(1, samples)
+            if round_.done():
+                break
+            time.sleep(0.2)
         wait_until(round_.done, timeout=10)  # the watch thread calls it off
         assert round_.cancelled(), round_
         averager.step(wait_for_delayed_updates=True)  # the next step is not held
         assert not averager.pending_updates
+
+        round_ = begin_round(2)
+        other_at(3)  # once a matchmaking time has passed, a peer past the round's step calls it off at once
+        wait_until(round_.done, timeout=10)
+        assert round_.cancelled(), round_
     finally:
         for peer in optimizer, other:
             if peer is not None:
@@ -123,3 +141,46 @@ def test_a_catch_up_drops_a_round_without_a_group_and_looks_for_the_current_one(
         if optimizer is not None:
             optimizer.shutdown()  # (cancels the round still looking for a group)
         dht.shutdown()
+
+
+def test_a_trainer_the_swarm_left_behind_calls_its_round_off_and_downloads():
+    config = load_config(TINY)
+    config = config.model_copy(update=dict(timeouts=config.timeouts.model_copy(update=dict(matchmaking=1.0))))
+    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dhts = [DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dht.get_visible_maddrs())
+            for _ in range(2)]
+    optimizer, others = None, []
+    try:
+        optimizer = lonely_optimizer(dht, config)
+        for other_dht in dhts:
+            others.append(ProgressTracker(other_dht, prefix="lonely", min_refresh_period=0.2,
+                                          default_refresh_period=0.2, private_key=RSAPrivateKey(), start=True,
+                                          target_batch_size=config.averaging.target_batch_size))
+            others[-1].report_local_progress(local_epoch=0, samples_accumulated=8)
+
+        def finish_step(tracker):
+            with tracker.pause_updates():
+                tracker.update_epoch(1)
+            tracker.report_local_progress(local_epoch=1, samples_accumulated=0)
+
+        round_ = optimizer.scheduled_grads = optimizer.grad_averager.schedule_step(timeout=config.timeouts.averaging)
+        finish_step(others[0])  # one of two finished step 0: it may have just stepped, we are not behind
+        wait_until(lambda: optimizer.tracker.global_epoch == 1)
+        assert optimizer.tracker.global_epoch == 1
+        time.sleep(3 * config.timeouts.matchmaking)
+        assert not optimizer._left_behind() and not round_.done(), round_
+
+        # our round for step 0 still looks for a group while both others are past it: the swarm left us behind.
+        # The watch calls the round off (it could only fall into the swarm's round for step 1), and we download.
+        finish_step(others[1])
+        wait_until(round_.done)
+        assert round_.cancelled(), round_
+        wait_until(optimizer._left_behind)
+        assert optimizer._left_behind() and optimizer.local_epoch == 0
+        assert optimizer._should_load_state_from_peers()
+    finally:
+        for peer in [optimizer, *others]:
+            if peer is not None:
+                peer.shutdown()
+        for each in [*dhts, dht]:
+            each.shutdown()
