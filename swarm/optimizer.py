@@ -1,11 +1,13 @@
 """hivemind.Optimizer set up from the swarm config, recording how each global step's averaging went.
 
 The subclass wraps the three places where hivemind decides between averaged and local gradients, and records a
-``Round`` for every global step, so "trained alone while looking healthy" shows up in logs and metrics. It also
-changes how a peer catches up: one that ran ahead alone goes back to the swarm's step, and one that downloaded
-the swarm's state mid-run looks for the swarm's current round at once (see ``SwarmOptimizer.load_state_from_peers``),
-and a parameter-averaging round that the swarm has left behind is called off rather than held until its timeout
-(``SwarmOptimizer.call_off_stale_round``).
+``Round`` for every global step, so "trained alone while looking healthy" shows up in logs and metrics; after a
+round that failed it steps with the peer's own gradients (hivemind's fallback used zeros). It also changes how a
+peer catches up: one that ran ahead alone goes back to the swarm's step; one left behind downloads the state
+without waiting for a step of its own (``_left_behind``); a download waits out an imminent end of the swarm's step
+and is followed at once by looking for the swarm's current round (``load_state_from_peers``); and rounds the
+swarm has left behind are called off rather than held until their timeout (``call_off_stale_round``,
+``call_off_stale_gradient_round``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 import threading
 import time
 import weakref
-from concurrent.futures import InvalidStateError
+from concurrent.futures import CancelledError, InvalidStateError
 from functools import partial
 from typing import Iterable
 
@@ -69,7 +71,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._recorded_epoch = -1
         self._joined = False
         self._fallback_retry_at = 0.0
-        self._download_seconds = 0.0  # how long the last successful download of the swarm's state took
+        self._grads_in_averager = False  # our gradients are in the averager for a round that began
         self._stop_watching, self._stale_watch = threading.Event(), None
         self._first_seen: dict[bytes, tuple[int, float]] = {}  # trainer -> (epoch, its record's time when first seen)
         super().__init__(**kwargs)
@@ -140,8 +142,7 @@ class SwarmOptimizer(hivemind.Optimizer):
                 time.monotonic() < self._fallback_retry_at:
             return False
         control = self.scheduled_grads
-        return control is None or _looking_for_group(control) or control.cancelled() or \
-            (control.done() and control.exception() is not None)
+        return control is None or _looking_for_group(control) or _failed(control)
 
     def load_state_from_peers(self, **kwargs) -> None:
         behind_at, majority = self.local_epoch, self._ran_ahead_alone()
@@ -154,10 +155,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             self.state_averager.local_epoch = majority  # (hivemind refuses a state older than our own epoch)
         else:
             self._wait_for_the_step_boundary()
-        began = time.monotonic()
         super().load_state_from_peers(**kwargs)
-        if self.state_averager.loaded_from is not None:
-            self._download_seconds = time.monotonic() - began
         if self._joined and self.state_averager.loaded_from is None:  # no verified state: not again at once
             self._fallback_retry_at = time.monotonic() + FALLBACK_RETRY_SECONDS
         if majority is not None and self.state_averager.loaded_from is None:  # keep ours
@@ -182,7 +180,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         with fewer, the step's round may need us (a peer waiting here once left a lone partner failing its rounds
         until the wait ran out)."""
         tracker = self.tracker
-        lead = self.matchmaking_time + (self._download_seconds or self.matchmaking_time)
+        lead = self.matchmaking_time + (self.state_averager.download_seconds or self.matchmaking_time)
         epoch, due = tracker.global_epoch, tracker.global_progress.eta_next_epoch - get_dht_time()
         at_step = sum(claim >= epoch for claim in tracker.other_epochs)
         if not -self.averaging_timeout < due <= lead or at_step < QUORUM_AHEAD:
@@ -194,10 +192,11 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _look_for_the_current_round(self) -> None:
         """After a download (on joining or catching up), start looking for the swarm's round now if it ends
-        within the averaging timeout. hivemind starts looking only after the next micro-batch and within one matchmaking time of the
-        step's end; a peer that caught up late (or whose micro-batches are slow on a loaded machine) then missed
-        the round, ended the step behind, and fell into the next step's round: seen as a trainer that downloaded
-        the state every other step. Its trigger comes with its next micro-batch, as for any peer in a group."""
+        within the averaging timeout. hivemind starts looking only after the next micro-batch and within one
+        matchmaking time of the step's end; a peer that caught up late (or whose micro-batches are slow on a
+        loaded machine) then missed the round, ended the step behind, and fell into the next step's round: seen
+        as a trainer that downloaded the state every other step. Its trigger comes with its next micro-batch, as
+        for any peer in a group."""
         eta = self.tracker.estimated_next_update_time
         now = get_dht_time()
         if self.scheduled_grads is not None or self.use_local_updates or eta - now >= self.averaging_timeout - 1:
@@ -213,7 +212,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         hivemind does, so that the group's all-reduce does not wait for our parts.)"""
         control = self.scheduled_grads
         if control is not None and not control.triggered and _looking_for_group(control):
-            control.cancel()
+            _cancel(control)  # (the stale-round watch may call it off at the same moment)
             self.scheduled_grads = None
 
     def call_off_lonely_round(self, grace: float, why: str = "leaving") -> None:
@@ -299,9 +298,22 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         began = super()._begin_averaging_gradients(grad_scaler)
+        self._grads_in_averager = began  # (GradientAverager.step moved them there and zeroed the accumulators)
         if not began:
             self._record("skipped", 1, "no other peers were ready for this step")
         return began
+
+    def _load_local_gradients_into_optimizer(self) -> None:
+        """The fallback after a round that failed or was called off. hivemind reloads the accumulators into the
+        averager, but once a round has begun they are zero: it moved our gradients into the averager and reset
+        them. Every step after a failed round was taken with zero gradients (Adam's momentum alone) while the log
+        said "local gradients". The averager still holds our own gradients (after an all-reduce that broke off
+        half-way, some parts already averaged): use those."""
+        if self._grads_in_averager:
+            self._grads_in_averager = False
+            self._load_averaged_gradients_into_optimizer_()
+        else:
+            super()._load_local_gradients_into_optimizer()
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
         try:
@@ -309,17 +321,29 @@ class SwarmOptimizer(hivemind.Optimizer):
                 self._record("skipped", 1, "no averaging round was scheduled")
             else:
                 group_info = maybe_step_control.result(self.averaging_timeout)
+                self._grads_in_averager = False
                 self._load_averaged_gradients_into_optimizer_()
                 self._record("averaged", len(group_info))
                 return
         except BaseException as error:
             self._record("failed", 1, f"{type(error).__name__}: {error}"[:200])
         self._load_local_gradients_into_optimizer()
+        self._grads_in_averager = False
 
 
 def _looking_for_group(control: StepControl) -> bool:
     """A round not over and without a group yet: calling it off fails nobody's all-reduce."""
     return not control.done() and control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)
+
+
+def _failed(control: StepControl) -> bool:
+    """A round that is over without a result (cancelled, also from another thread, or failed)."""
+    if not control.done():
+        return False
+    try:
+        return control.exception(timeout=0) is not None
+    except CancelledError:
+        return True
 
 
 def _cancel(control: StepControl) -> bool:

@@ -24,6 +24,7 @@ import logging
 from concurrent.futures import InvalidStateError
 import math
 import random
+import time
 from typing import Any, Callable, Sequence
 
 import hivemind
@@ -64,6 +65,7 @@ class _VerifiedDownload(DecentralizedAverager):
 
     state_check: Check | None = None  # set by the owner in the parent process
     loaded_from: bytes | None = None  # the donor of the last state that passed the check (None: none did)
+    download_seconds: float = 0.0  # how long the download of the last state that passed the check took
     owner_subkey: bytes | None = None  # "[owner:<public key>]" of this peer's DHT key: signs its donor entry
     refused_until: dict[bytes, float] | None = None  # donor -> until when it is tried last (its state was refused)
 
@@ -93,7 +95,7 @@ class _VerifiedDownload(DecentralizedAverager):
         now = get_dht_time()
         self.refused_until = {donor: until for donor, until in (self.refused_until or {}).items() if until > now}
         for _ in range(MAX_DONORS_TRIED):
-            future = MPFuture()
+            began, future = time.monotonic(), MPFuture()
             self._outer_pipe.send(("_download_state_from", [], dict(future=future, timeout=timeout,
                                                                      refused=list(refused),
                                                                      last=list(self.refused_until))))
@@ -108,7 +110,7 @@ class _VerifiedDownload(DecentralizedAverager):
             donor, metadata, tensors = result
             problem = self.state_check(metadata, tensors) if self.state_check is not None else None
             if problem is None:
-                self.loaded_from = donor
+                self.loaded_from, self.download_seconds = donor, time.monotonic() - began
                 return metadata, tensors
             logger.warning("Refusing the state served by peer %s: %s; trying another peer",
                            PeerID(donor).to_base58(), problem)

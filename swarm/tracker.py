@@ -116,10 +116,12 @@ class BoundedProgressTracker(ProgressTracker):
                 continue
         if not entries:
             return {}
-        believed = self._believed_epoch([peer for _, peer in entries.values()])
+        now = get_dht_time()
+        believed = self._believed_epoch([peer for _, peer in entries.values()
+                                         if self._distrusted.get(peer.peer_id, 0.0) <= now])
         max_rate = self._max_rate([peer.samples_per_second for _, peer in entries.values()])
         elapsed = max(0.0, get_dht_time() - self._epoch_began) + self.max_refresh_period + 1.0
-        bounded, now = {}, get_dht_time()
+        bounded = {}
         for subkey, (item, peer) in entries.items():
             if self._distrusted.get(peer.peer_id, 0.0) > now:
                 continue

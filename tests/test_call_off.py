@@ -163,7 +163,7 @@ def test_a_trainer_the_swarm_left_behind_calls_its_round_off_and_downloads():
                 tracker.update_epoch(1)
             tracker.report_local_progress(local_epoch=1, samples_accumulated=0)
 
-        round_ = optimizer.scheduled_grads = optimizer.grad_averager.schedule_step(timeout=config.timeouts.averaging)
+        round_ = optimizer.scheduled_grads = optimizer.grad_averager.schedule_step(timeout=120.0)  # (outlasts the test)
         finish_step(others[0])  # one of two finished step 0: it may have just stepped, we are not behind
         wait_until(lambda: optimizer.tracker.global_epoch == 1)
         assert optimizer.tracker.global_epoch == 1
@@ -184,3 +184,36 @@ def test_a_trainer_the_swarm_left_behind_calls_its_round_off_and_downloads():
                 peer.shutdown()
         for each in [*dhts, dht]:
             each.shutdown()
+
+
+def test_a_step_after_a_called_off_round_uses_our_own_gradients():
+    """hivemind's fallback after a round that began and then failed reloaded the (already zeroed) accumulators:
+    the step went with zero gradients while the log said "local gradients"."""
+    config = load_config(TINY)
+    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    optimizer = None
+    try:
+        model = torch.nn.Linear(8, 8)
+        optimizer = build_optimizer(
+            model.parameters(), dht=dht, private_key=RSAPrivateKey(), run_id="lonely", batch_size=4,
+            client_mode=False, optim=config.optimizer, averaging=config.averaging, timeouts=config.timeouts,
+            round_log=RoundLog(), partial_watch=PartialRoundWatch())
+        model(torch.randn(4, 8, generator=torch.Generator().manual_seed(0))).square().sum().backward()
+        ours = [param.grad.clone() for param in model.parameters()]
+        optimizer.grad_averager.accumulate_grads_(batch_size=4)
+        round_ = optimizer.scheduled_grads = optimizer.grad_averager.schedule_step(timeout=120.0)
+        with optimizer.tracker.pause_updates():  # as if another peer were there: the round begins
+            optimizer.tracker.global_progress.num_peers = 2
+            assert optimizer._begin_averaging_gradients(None)
+        assert round_.triggered and round_.cancel()  # e.g. called off, or no group in time
+        optimizer._average_gradients_and_load_into_optimizer(round_)
+        stepped = [param.grad for group in optimizer.state_averager.optimizer.param_groups
+                   for param in group["params"]]
+        assert len(stepped) == len(ours)
+        for used, own in zip(stepped, ours):
+            assert torch.allclose(used, own), (used, own)
+        assert optimizer.round_log.rounds[-1].outcome == "failed"
+    finally:
+        if optimizer is not None:
+            optimizer.shutdown()
+        dht.shutdown()

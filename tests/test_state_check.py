@@ -116,7 +116,7 @@ def tracker(own_epoch: int = 5, target: int = 96, own_rate: float = 10.0):
     threading.Thread.__init__(t, daemon=True)  # never started
     t.target_batch_size, t.max_refresh_period, t.min_step_seconds = target, 1.0, 3.0
     t._epoch_began, t._epoch_of_begin, t._warned, t._distrusted = get_dht_time() - 10, own_epoch, set(), {}
-    t._alone_since, t.alone_seconds = None, 0.0
+    t._alone_since, t.alone_seconds, t._behind = None, 0.0, None
     t.performance_ema = types.SimpleNamespace(samples_per_second=own_rate)
     t.dht = types.SimpleNamespace(peer_id=types.SimpleNamespace(to_bytes=lambda: b"me"))
     t.local_progress = LocalTrainingProgress(peer_id=b"me", epoch=own_epoch, samples_accumulated=0,
@@ -173,6 +173,24 @@ def test_a_peer_alone_ahead_learns_the_swarms_step():
     assert t.majority_step is None  # a peer is with us: the normal rules apply
     t._believed_epoch([_claim(3)])
     assert t.majority_step is None  # one other peer is no majority
+
+
+def test_behind_needs_two_peers_past_us_and_half_of_them():
+    t = tracker(own_epoch=5)
+    t._believed_epoch([_claim(6), _claim(5, b"b")])
+    assert t.behind_since(5) is None  # one peer past: it may just have stepped
+    t._believed_epoch([_claim(6), _claim(6, b"b"), _claim(5, b"c")])
+    since = t.behind_since(5)
+    assert since is not None and t.behind_since(6) is None
+    t._believed_epoch([_claim(6), _claim(7, b"b"), _claim(5, b"c")])
+    assert t.behind_since(5) == since  # still behind: the clock goes on
+    t._believed_epoch([_claim(6), _claim(6, b"b"), _claim(5, b"c"), _claim(5, b"d"), _claim(5, b"e")])
+    assert t.behind_since(5) is None  # two of five: not half
+    t._believed_epoch([_claim(10**9), _claim(10**9, b"b")])
+    assert t.behind_since(5) is None  # absurd claims count for nothing
+    t._distrusted[b"peer-0"] = float("inf")  # a peer caught lying counts for nothing either
+    t._bounded(records((6, 0, 10.0), (6, 0, 10.0), (5, 0, 10.0)))
+    assert t.behind_since(5) is None and t.other_epochs == [6, 5]
 
 
 def test_fast_claims_are_bounded():
