@@ -14,6 +14,8 @@ import logging
 import math
 import multiprocessing as mp
 import threading
+import time
+from concurrent.futures import InvalidStateError
 
 import psutil
 import pytest
@@ -236,9 +238,10 @@ EvilAverager.__name__ = DecentralizedAverager.__name__  # hivemind names its RPC
 
 
 def averager_options(**extra):
-    return dict(prefix="guardtest", start=True, min_matchmaking_time=2.0, request_timeout=1.0, min_group_size=2,
-                target_group_size=8, shutdown_timeout=2, part_size_bytes=2**15, allreduce_timeout=40.0,
-                next_chunk_timeout=10.0, compression=build_compression("blockwise8", size_threshold=2**16), **extra)
+    options = dict(prefix="guardtest", start=True, min_matchmaking_time=2.0, request_timeout=1.0, min_group_size=2,
+                   target_group_size=8, shutdown_timeout=2, part_size_bytes=2**15, allreduce_timeout=40.0,
+                   next_chunk_timeout=10.0, compression=build_compression("blockwise8", size_threshold=2**16))
+    return {**options, **extra}
 
 
 class Swarm:
@@ -259,17 +262,24 @@ class Swarm:
 
     def attacker(self, mode: str, client_mode: bool):
         dht = self.dht()
+        # (short timeouts: the honest peers refuse its parts, and its round must wind down before the next one)
         averager = EvilAverager([torch.zeros(n) for n in SIZES], dht, mode=mode, **averager_options(
-            client_mode=client_mode))
+            client_mode=client_mode, allreduce_timeout=8.0, next_chunk_timeout=4.0))
         return dht, averager
 
     def stop(self, pair) -> None:
         if pair is not None:
             controls, threads = self.attempts.pop(pair[1], ([], []))
-            for control in controls:
-                control.cancel()
-            for thread in threads:
-                thread.join(timeout=30)
+            deadline = time.monotonic() + 30
+            while any(thread.is_alive() for thread in threads) and time.monotonic() < deadline:
+                for control in list(controls):  # (again and again: a thread may begin its step meanwhile)
+                    if not control.done():
+                        try:
+                            control.cancel()
+                        except InvalidStateError:
+                            pass  # (it ended in the meantime)
+                for thread in threads:
+                    thread.join(timeout=0.2)
             pair[1].shutdown()
             pair[0].shutdown()
 
