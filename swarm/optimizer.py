@@ -83,6 +83,12 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._stop_watching.set()
         if self._stale_watch is not None:
             self._stale_watch.join(timeout=PROGRESS_READ_SECONDS + 1.0)
+        # hivemind cancels a round whose stage still reads "looking for a group" without asking whether it is over:
+        # one called off a moment ago (by the watch, say) then raised InvalidStateError out of shutdown
+        if self.scheduled_grads is not None and self.scheduled_grads.done():
+            self.scheduled_grads = None
+        if self.scheduled_state is not None and self.scheduled_state.done():
+            self.scheduled_state = None
         super().shutdown()
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
