@@ -20,7 +20,7 @@ from conftest import TINY, PeerProcesses, metric, swarm_cli
 
 STEPS = 12  # trainer-0 makes at least this many steps
 SYNC_STEPS = 2  # a resumed trainer averages with the swarm again within this many global steps (issue 4, item 9)
-AFTER_RESUME = SYNC_STEPS + 3  # trainer-0 stops this many steps after the resume: its last rounds are with trainer-1
+AFTER_RESUME = SYNC_STEPS + 4  # trainer-0 stops this many steps after the resume: its last 3 rounds are with trainer-1
 RECORD_TTL = 30  # timeouts.record_ttl in configs/tiny.yaml
 PAUSE = 30  # seconds trainer-1 is stopped (SIGSTOP to its whole process group)
 pytestmark = pytest.mark.timeout(900)  # one module-wide swarm, slow on a loaded 2-core machine
@@ -132,7 +132,7 @@ def test_the_others_keep_training_and_averaging(killed_swarm):
     # (a round may come back partial on a loaded machine: hivemind then used some of the peer's parts)
     *_, (_, swarm_step_at_resume) = killed_swarm
     rounds = [r for r in result["rounds"] if r["step"] > swarm_step_at_resume + SYNC_STEPS]
-    assert len(rounds) >= 2, result["rounds"]
+    assert len(rounds) >= 3, result["rounds"]
     assert all(r["outcome"] in ("averaged", "partial") and r["group_size"] >= 2 for r in rounds), result["rounds"]
     assert sum(r["outcome"] == "averaged" for r in rounds) >= 2, result["rounds"]
     assert report(work, "trainer-1")["final_step"] >= result["final_step"]
