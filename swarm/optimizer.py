@@ -303,6 +303,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         return done, others
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
+        self._grads_in_averager = False  # (hivemind's own fallback in there must read the accumulators)
         began = super()._begin_averaging_gradients(grad_scaler)
         self._grads_in_averager = began  # (GradientAverager.step moved them there and zeroed the accumulators)
         if not began:
@@ -327,14 +328,12 @@ class SwarmOptimizer(hivemind.Optimizer):
                 self._record("skipped", 1, "no averaging round was scheduled")
             else:
                 group_info = maybe_step_control.result(self.averaging_timeout)
-                self._grads_in_averager = False
                 self._load_averaged_gradients_into_optimizer_()
                 self._record("averaged", len(group_info))
                 return
         except BaseException as error:
             self._record("failed", 1, f"{type(error).__name__}: {error}"[:200])
         self._load_local_gradients_into_optimizer()
-        self._grads_in_averager = False
 
 
 def _looking_for_group(control: StepControl) -> bool:

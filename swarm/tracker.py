@@ -120,7 +120,7 @@ class BoundedProgressTracker(ProgressTracker):
         believed = self._believed_epoch([peer for _, peer in entries.values()
                                          if self._distrusted.get(peer.peer_id, 0.0) <= now])
         max_rate = self._max_rate([peer.samples_per_second for _, peer in entries.values()])
-        elapsed = max(0.0, get_dht_time() - self._epoch_began) + self.max_refresh_period + 1.0
+        elapsed = max(0.0, now - self._epoch_began) + self.max_refresh_period + 1.0
         bounded = {}
         for subkey, (item, peer) in entries.items():
             if self._distrusted.get(peer.peer_id, 0.0) > now:

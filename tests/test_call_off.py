@@ -21,9 +21,9 @@ from swarm.optimizer import build_optimizer
 from swarm.rounds import PartialRoundWatch, RoundLog
 
 
-def lonely_optimizer(dht: DHT, config):
+def lonely_optimizer(dht: DHT, config, model: torch.nn.Module | None = None):
     return build_optimizer(
-        torch.nn.Linear(8, 8).parameters(), dht=dht, private_key=RSAPrivateKey(), run_id="lonely", batch_size=4,
+        (model or torch.nn.Linear(8, 8)).parameters(), dht=dht, private_key=RSAPrivateKey(), run_id="lonely", batch_size=4,
         client_mode=False, optim=config.optimizer, averaging=config.averaging, timeouts=config.timeouts,
         round_log=RoundLog(), partial_watch=PartialRoundWatch())
 
@@ -194,10 +194,7 @@ def test_a_step_after_a_called_off_round_uses_our_own_gradients():
     optimizer = None
     try:
         model = torch.nn.Linear(8, 8)
-        optimizer = build_optimizer(
-            model.parameters(), dht=dht, private_key=RSAPrivateKey(), run_id="lonely", batch_size=4,
-            client_mode=False, optim=config.optimizer, averaging=config.averaging, timeouts=config.timeouts,
-            round_log=RoundLog(), partial_watch=PartialRoundWatch())
+        optimizer = lonely_optimizer(dht, config, model)
         model(torch.randn(4, 8, generator=torch.Generator().manual_seed(0))).square().sum().backward()
         ours = [param.grad.clone() for param in model.parameters()]
         optimizer.grad_averager.accumulate_grads_(batch_size=4)

@@ -15,7 +15,6 @@ import math
 import multiprocessing as mp
 import threading
 import time
-from concurrent.futures import InvalidStateError
 
 import psutil
 import pytest
@@ -30,6 +29,7 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 
 from swarm import guard
 from swarm.compression import build_compression, check_codecs
+from swarm.optimizer import _cancel
 
 SIZES = (100_000, 100_000, 100_000, 1_000)  # three blockwise 8-bit parts and one fp16 part
 HONEST_WEIGHTS = (8.0, 16.0, 24.0)
@@ -274,10 +274,7 @@ class Swarm:
             while any(thread.is_alive() for thread in threads) and time.monotonic() < deadline:
                 for control in list(controls):  # (again and again: a thread may begin its step meanwhile)
                     if not control.done():
-                        try:
-                            control.cancel()
-                        except InvalidStateError:
-                            pass  # (it ended in the meantime)
+                        _cancel(control)
                 for thread in threads:
                     thread.join(timeout=0.2)
             pair[1].shutdown()
