@@ -44,9 +44,9 @@ def test_demo_ctrl_c_stops_every_process(tmp_path):
     seen: dict[int, psutil.Process] = {}
     try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not list(tmp_path.glob("trainer-*.log")):
+        while time.monotonic() < deadline and not training(tmp_path):  # their averagers and p2pd are up by then
+            assert demo.poll() is None, demo.stdout.read()[-3000:]
             time.sleep(0.5)
-        time.sleep(15)  # trainers are importing, building models, forking averagers and p2pd
         for child in psutil.Process(demo.pid).children(recursive=True):
             seen[child.pid] = child
         assert any("p2pd" in p.name() for p in seen.values()), [p.name() for p in seen.values()]
@@ -61,3 +61,9 @@ def test_demo_ctrl_c_stops_every_process(tmp_path):
         for child in seen.values():
             if child.is_running():
                 child.kill()
+
+
+def training(workdir) -> bool:
+    """Both demo trainers have begun training."""
+    logs = sorted(workdir.glob("trainer-*.log"))
+    return len(logs) == 2 and all("Starting at global step" in log.read_text(errors="replace") for log in logs)

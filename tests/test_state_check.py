@@ -1,6 +1,6 @@
 """What a joiner refuses to load (swarm.state.StateCheck) and what the progress tracker refuses to believe
 (swarm.tracker). The end-to-end cases, with a real malicious donor and liar in a swarm, are in
-test_adversaries.py."""
+test_swarm.py."""
 
 from __future__ import annotations
 
