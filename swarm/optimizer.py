@@ -6,8 +6,8 @@ round that failed it steps with the peer's own gradients (hivemind's fallback us
 peer catches up: one that ran ahead alone goes back to the swarm's step; one left behind downloads the state
 without waiting for a step of its own (``_left_behind``); a download waits out an imminent end of the swarm's step
 and is followed at once by looking for the swarm's current round (``load_state_from_peers``); and rounds the
-swarm has left behind are called off rather than held until their timeout (``call_off_stale_round``,
-``call_off_stale_gradient_round``).
+swarm has left behind, or that find no group once the peer is leaving, are called off rather than held until their
+timeout (``call_off_stale_round``, ``call_off_stale_gradient_round``, ``call_off_rounds_when_leaving``).
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ class _RemembersLastRound(DecentralizedAverager):
 
 
 class SwarmOptimizer(hivemind.Optimizer):
+    leaving: threading.Event | None = None  # set once the peer is leaving (the trainer's stop event)
+
     def __init__(self, *, round_log: RoundLog, partial_watch: PartialRoundWatch, gate: MemberGate | None = None,
                  owner_subkey: bytes | None = None, **kwargs):
         self.round_log, self.partial_watch = round_log, partial_watch
@@ -275,6 +277,22 @@ class SwarmOptimizer(hivemind.Optimizer):
                     "finished that step", epoch)
         return _cancel(control)
 
+    def call_off_rounds_when_leaving(self) -> bool:
+        """Once the peer is leaving (``leaving`` is set), cancel a gradient or parameter round still without a group
+        a matchmaking time after it should have begun: its partners have left or are not coming, and hivemind would
+        hold the departing peer until ``averaging_timeout`` (a trainer whose partner had just left took 15 s to obey
+        Ctrl-C, blocked on its parameter round in hivemind's executor). The last step then uses our own gradients.
+        Returns whether a round was called off."""
+        if self.leaving is None or not self.leaving.is_set():
+            return False
+        called_off = False
+        for kind, control in (("gradient", self.scheduled_grads), ("parameter", self.state_averager.last_round)):
+            if control is not None and _looking_for_group(control) and \
+                    get_dht_time() >= control.scheduled_time + self.matchmaking_time:
+                logger.info("Calling off the %s averaging round, still without a group: leaving", kind)
+                called_off |= _cancel(control)
+        return called_off
+
     def _peers_done(self, epoch: int, looking_since: float) -> tuple[int, int]:
         """How many other trainers' progress records in the DHT show them done with ``epoch`` (see
         ``call_off_stale_round``; our round has been looking for a group since ``looking_since``), and how many
@@ -361,13 +379,14 @@ def _cancel(control: StepControl) -> bool:
 
 
 def _watch_for_stale_rounds(optimizer_ref: weakref.ref, stop: threading.Event) -> None:
-    """The thread behind ``SwarmOptimizer.call_off_stale_round`` (it holds the optimizer weakly, so that an
+    """The thread behind ``SwarmOptimizer.call_off_stale_round`` and its kin (it holds the optimizer weakly, so that an
     optimizer nobody shut down is still collected, and shut down, by hivemind's ``__del__``)."""
     while not stop.wait(STALE_ROUND_POLL_SECONDS):
         optimizer = optimizer_ref()
         if optimizer is None:
             return
         try:
+            optimizer.call_off_rounds_when_leaving()
             optimizer.call_off_stale_gradient_round()
             optimizer.call_off_stale_round()
         except Exception as error:  # (a DHT that is shutting down): never let the watch end a trainer

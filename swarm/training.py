@@ -72,6 +72,7 @@ class Trainer:
 
     def train(self, *, max_steps: int | None, stop: threading.Event, wait_for: int = 1,
               wait_timeout: float = 60.0) -> TrainResult:
+        self.opt.leaving = stop  # (a round without a group is called off once we are leaving)
         start = self.join_swarm()
         self.wait_for_peers(wait_for, stop, timeout=wait_timeout)
         result = TrainResult(start_step=start, final_step=start)

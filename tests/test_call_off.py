@@ -1,11 +1,13 @@
 """A trainer's background parameter-averaging round that finds no group is called off instead of holding the
 trainer for ``averaging_timeout`` (SwarmOptimizer.call_off_lonely_round), also as soon as half of the other trainers
-have finished the step it is for (SwarmOptimizer.call_off_stale_round), and a trainer catching up by download drops
-a gradient round without a group and looks for the swarm's current one: a real optimizer with its averager
+have finished the step it is for (SwarmOptimizer.call_off_stale_round), a trainer catching up by download drops
+a gradient round without a group and looks for the swarm's current one, and a trainer that is leaving calls off its
+rounds without a group (SwarmOptimizer.call_off_rounds_when_leaving): a real optimizer with its averager
 processes and a DHT on 127.0.0.1, alone, so its rounds can never find a group."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -209,6 +211,42 @@ def test_a_step_after_a_called_off_round_uses_our_own_gradients():
         assert len(stepped) == len(ours)
         for used, own in zip(stepped, ours):
             assert torch.allclose(used, own), (used, own)
+        assert optimizer.round_log.rounds[-1].outcome == "failed"
+    finally:
+        if optimizer is not None:
+            optimizer.shutdown()
+        dht.shutdown()
+
+
+def test_a_leaving_peer_calls_off_its_rounds_without_a_group():
+    """A trainer told to stop (Ctrl-C) while its gradient round and its background parameter round find nobody
+    (its partner has just left) leaves within seconds, stepping with its own gradients, instead of waiting out the
+    rounds' timeouts."""
+    config = load_config(TINY)
+    config = config.model_copy(update=dict(timeouts=config.timeouts.model_copy(update=dict(matchmaking=1.0))))
+    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    optimizer = None
+    try:
+        model = torch.nn.Linear(8, 8)
+        optimizer = lonely_optimizer(dht, config, model)
+        averager = optimizer.state_averager
+        averager.step(averaging_round=True, delay_averaging=True, averaging_opts=dict(timeout=120.0))
+        wait_until(lambda: averager.last_round is not None)  # begun in hivemind's executor thread
+        parameter_round = averager.last_round
+        model(torch.randn(4, 8)).square().sum().backward()
+        optimizer.grad_averager.accumulate_grads_(batch_size=4)
+        gradient_round = optimizer.scheduled_grads = optimizer.grad_averager.schedule_step(timeout=120.0)
+        with optimizer.tracker.pause_updates():  # as if another peer were there: the round begins
+            optimizer.tracker.global_progress.num_peers = 2
+            assert optimizer._begin_averaging_gradients(None)
+        optimizer.leaving = threading.Event()
+        latest = max(gradient_round.scheduled_time, parameter_round.scheduled_time)
+        wait_until(lambda: get_dht_time() > latest + 2 * config.timeouts.matchmaking)
+        assert not gradient_round.done() and not parameter_round.done()  # the watch leaves them alone while we stay
+        optimizer.leaving.set()
+        wait_until(lambda: gradient_round.done() and parameter_round.done(), timeout=30)  # (their timeouts: 120 s)
+        assert gradient_round.cancelled() and parameter_round.cancelled(), (gradient_round, parameter_round)
+        optimizer._average_gradients_and_load_into_optimizer(gradient_round)
         assert optimizer.round_log.rounds[-1].outcome == "failed"
     finally:
         if optimizer is not None:

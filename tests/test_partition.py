@@ -56,7 +56,7 @@ def healed_swarm(tmp_path_factory):
         for t in range(3):
             peers.start(f"trainer-{t}", t + 1, "join", *addrs, "--wait-for-peers", "3",
                         "--report-json", str(work / f"trainer-{t}.json"))
-        wait_for_step(peers, "trainer-0", 2)
+        wait_for_step(peers, "trainer-0", 1)
         rounds_before_cut = len(re.findall(r"Step \d+: averag", peers.log("trainer-1")))
         set_link(wan, 2, "down")
         time.sleep(CUT)

@@ -38,7 +38,7 @@ from swarm.config import load_config
 from swarm.progress import read_trainer_records
 
 pytestmark = pytest.mark.timeout(900)  # one module-wide swarm; slow on a loaded 2-core machine
-STEPS = 10  # trainer-0 and trainer-1; enough for 30 s of Prometheus scrapes and two checkpoints
+STEPS = 8  # trainer-0 and trainer-1; enough for 20 s of Prometheus scrapes and two checkpoints
 LATE_STEPS = 3
 CHECKPOINT_EVERY = 4
 _OPTIMIZER = load_config(TINY).optimizer
@@ -76,7 +76,7 @@ def swarm_run(tmp_path_factory):
         wait_for_step(procs, "trainer-0", 4)
         exposition = scrape(monitor_url)
         if prometheus:
-            wait_for_step(procs, "trainer-0", 9)  # about 30 s of scrapes: enough for the dashboard's [1m] rates
+            wait_for_step(procs, "trainer-0", STEPS - 1)  # 20 s of scrapes or more: enough for the [1m] rates
         dashboard = query_dashboard(prometheus) if prometheus else None
         codes = {name: procs.wait(name, 300) for name in ["trainer-0", "trainer-1", "late"]}
         procs.stop("trainer-2", signal.SIGINT)
