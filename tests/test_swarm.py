@@ -38,7 +38,7 @@ from swarm.config import load_config
 from swarm.progress import read_trainer_records
 
 pytestmark = pytest.mark.timeout(900)  # one module-wide swarm; slow on a loaded 2-core machine
-STEPS = 8  # trainer-0 and trainer-1; enough for 20 s of Prometheus scrapes and two checkpoints
+STEPS = 8  # trainer-0 and trainer-1; enough for 30 s of Prometheus scrapes and two checkpoints
 LATE_STEPS = 3
 CHECKPOINT_EVERY = 4
 _OPTIMIZER = load_config(TINY).optimizer
@@ -64,6 +64,8 @@ def swarm_run(tmp_path_factory):
                     "--addr-file", str(work / "monitor.url"), "--checkpoint-dir", str(work / "checkpoints"),
                     "--checkpoint-every", str(CHECKPOINT_EVERY), "--keep", "2", "--eval-batches", "2")
         trainer_addrs = procs.wait_file(work / "trainer-0.addr", "trainer-0")
+        monitor_url = procs.wait_file(work / "monitor.url", "monitor")[0]
+        prometheus = start_prometheus(procs, work, monitor_url) if shutil.which("prometheus") else None
         wait_for_step(procs, "trainer-0", 1)
         procs.stop("seed")  # the swarm must not need its seed any more
         assert procs.wait("seed", 30) == 0
@@ -71,12 +73,10 @@ def swarm_run(tmp_path_factory):
                     "--report-json", str(work / "late.json"), "--save-model", str(work / "late-model"))
         metrics = read_records(trainer_addrs)  # while the trainers run: records expire after they leave
         status = swarm_cli("status", *trainer_addrs, timeout=120)
-        monitor_url = procs.wait_file(work / "monitor.url", "monitor")[0]
-        prometheus = start_prometheus(procs, work, monitor_url) if shutil.which("prometheus") else None
         wait_for_step(procs, "trainer-0", 4)
         exposition = scrape(monitor_url)
         if prometheus:
-            wait_for_step(procs, "trainer-0", STEPS - 1)  # 20 s of scrapes or more: enough for the [1m] rates
+            wait_for_step(procs, "trainer-0", STEPS - 1)  # 30 s of scrapes or more: enough for the [1m] rates
         dashboard = query_dashboard(prometheus) if prometheus else None
         codes = {name: procs.wait(name, 300) for name in ["trainer-0", "trainer-1", "late"]}
         procs.stop("trainer-2", signal.SIGINT)
@@ -134,22 +134,26 @@ def start_prometheus(procs: PeerProcesses, work: Path, monitor_url: str) -> str:
 
 
 def query_dashboard(prometheus: str, patience: float = 90) -> dict[str, list]:
-    """Every dashboard query, answered by Prometheus' HTTP API: {expr: result vector}. Queries still empty are
-    asked again while the swarm runs (the first checkpoint's eval loss may still be on its way)."""
+    """Every dashboard query, answered by Prometheus' HTTP API: {expr: result vector}. Queries still empty, and
+    rates still zero, are asked again while the swarm runs (the first checkpoint's eval loss may still be on its
+    way; a young series may not have risen yet)."""
     import time
+
+    def pending(expr: str) -> bool:
+        return not answers.get(expr) or expr.startswith("rate(") and all(
+            float(r["value"][1]) == 0 for r in answers[expr])
 
     answers, deadline = {}, time.monotonic() + patience
     while True:
         for _, expr in dashboard_queries():
-            if answers.get(expr) and not (expr.startswith("rate(") and all(
-                    float(r["value"][1]) == 0 for r in answers[expr])):  # (a young series may not have risen yet)
+            if not pending(expr):
                 continue
             url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
             with urllib.request.urlopen(url, timeout=10) as response:
                 body = json.loads(response.read())
             assert body["status"] == "success", body
             answers[expr] = body["data"]["result"]
-        if all(answers.values()) or time.monotonic() > deadline:
+        if not any(pending(expr) for expr in answers) or time.monotonic() > deadline:
             return answers
         time.sleep(2)
 
