@@ -16,7 +16,7 @@ from conftest import ROOT
 def test_demo_summary(tmp_path):
     summary_path = tmp_path / "summary.json"
     result = subprocess.run(
-        [sys.executable, "-m", "peers.cli", "demo", "--peers", "2", "--steps", "3", "--metrics-port", "0",
+        [sys.executable, "-m", "peers.cli", "demo", "--peers", "2", "--steps", "2", "--metrics-port", "0",
          "--summary-json", str(summary_path), "--workdir", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=400, cwd=ROOT, stdin=subprocess.DEVNULL,
     )
@@ -26,13 +26,13 @@ def test_demo_summary(tmp_path):
     summary = json.loads(summary_path.read_text())
     for key in ("steps", "min_peers_averaged", "loss_first", "loss_last", "wire_bytes_per_param"):
         assert key in summary
-    assert summary["steps"] >= 3
+    assert summary["steps"] >= 2
     assert summary["min_peers_averaged"] >= 2
     assert summary["loss_last"] < summary["loss_first"]
     assert 1.0 <= summary["wire_bytes_per_param"] < 1.1
     assert summary["bytes_saved"] > 0
-    checkpoint = summary["checkpoint"]  # the demo's monitor saves one halfway (every max(1, 3 // 2) steps)
-    assert checkpoint and 1 <= checkpoint["step"] <= 3 and 0 < checkpoint["eval_loss"] < 6, checkpoint
+    checkpoint = summary["checkpoint"]  # the demo's monitor saves one halfway (every max(1, 2 // 2) steps)
+    assert checkpoint and 1 <= checkpoint["step"] <= 2 and 0 < checkpoint["eval_loss"] < 6, checkpoint
     assert (tmp_path / "run" / "checkpoints" / "latest" / "model.safetensors").is_file()
 
 

@@ -73,8 +73,8 @@ def killed_swarm(tmp_path_factory):
         codes = {"trainer-0": procs.wait("trainer-0", 120)}
         procs.remember_children()
         os.killpg(procs.procs["trainer-1"].pid, signal.SIGINT)  # Ctrl-C as a terminal sends it: to the whole group
-        codes["trainer-1"] = procs.wait("trainer-1", 60)
         procs.stop("monitor", signal.SIGINT)  # to the process alone, after hivemind's averagers set it to "ignore"
+        codes["trainer-1"] = procs.wait("trainer-1", 60)
         codes["monitor"] = procs.wait("monitor", 60)
         codes["status"] = procs.wait("status", 120)
         pause = (rounds_before_pause, swarm_step_at_resume)

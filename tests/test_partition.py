@@ -62,7 +62,7 @@ def healed_swarm(tmp_path_factory):
         time.sleep(CUT)
         swarm_step_at_cut_end = max(map(int, re.findall(r"Global step (\d+) done", peers.log("trainer-0"))))
         set_link(wan, 2, "up")
-        wait_for_step(peers, "trainer-0", swarm_step_at_cut_end + 4, timeout=300)
+        wait_for_step(peers, "trainer-0", swarm_step_at_cut_end + 3, timeout=300)
         for name in ("trainer-0", "trainer-1", "trainer-2"):
             peers.procs[name].send_signal(signal.SIGINT)
         codes = {name: peers.procs[name].wait(60) for name in ("trainer-0", "trainer-1", "trainer-2")}
