@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,3 +121,18 @@ def swarm_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``swarm ARGS`` to completion (for commands expected to exit by themselves)."""
     return subprocess.run([sys.executable, "-m", "peers.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
+
+
+def wait_for_step(procs: PeerProcesses, name: str, step: int, timeout: float = 240) -> None:
+    """Until ``name`` logs a global step >= ``step`` (a trainer that catches up by download skips numbers)."""
+    deadline = time.monotonic() + timeout
+    while max(map(int, re.findall(r"Global step (\d+) done", procs.log(name))), default=-1) < step:
+        assert time.monotonic() < deadline, f"{name} did not reach step {step}:\n{procs.log(name)[-3000:]}"
+        assert procs.procs[name].poll() is None, procs.log(name)[-3000:]
+        procs.remember_children()
+        time.sleep(0.5)
+
+
+def report(work: Path, name: str) -> dict:
+    """The JSON that ``swarm join --report-json WORK/NAME.json`` wrote."""
+    return json.loads((work / f"{name}.json").read_text())

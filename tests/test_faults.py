@@ -5,7 +5,6 @@ processes (DHT, averagers, p2pd) must exit by themselves; the monitor must drop 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -16,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, PeerProcesses, metric
+from conftest import TINY, PeerProcesses, metric, report, wait_for_step
 
 STEPS = 10  # trainer-0 makes at least this many steps
 SYNC_STEPS = 2  # a resumed trainer averages with the swarm again within this many global steps (issue 4, item 9)
@@ -90,16 +89,6 @@ def port_of(address: str) -> int:
     return int(address.rsplit(":", 1)[1].split("/")[0])
 
 
-def wait_for_step(procs: PeerProcesses, name: str, step: int, timeout: float = 240) -> None:
-    """Until ``name`` logs a global step >= ``step`` (a trainer that catches up by download skips numbers)."""
-    deadline = time.monotonic() + timeout
-    while max(map(int, re.findall(r"Global step (\d+) done", procs.log(name))), default=-1) < step:
-        assert time.monotonic() < deadline, f"{name} did not reach step {step}:\n{procs.log(name)[-3000:]}"
-        assert procs.procs[name].poll() is None, procs.log(name)[-3000:]
-        procs.remember_children()
-        time.sleep(0.5)
-
-
 def descendants(procs: PeerProcesses, name: str) -> list[psutil.Process]:
     children = psutil.Process(procs.procs[name].pid).children(recursive=True)
     assert any("p2pd" in child.name() for child in children), [c.cmdline() for c in children]
@@ -115,10 +104,6 @@ def wait_for_peers_metric(url: str, count: int, timeout: float) -> list[float]:
             return seen
         time.sleep(1)
     return seen
-
-
-def report(work, name: str) -> dict:
-    return json.loads((work / f"{name}.json").read_text())
 
 
 def test_helpers_of_a_killed_trainer_exit_by_themselves(killed_swarm):

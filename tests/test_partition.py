@@ -15,8 +15,7 @@ import time
 
 import pytest
 
-from conftest import TINY, PeerProcesses
-from test_faults import report, wait_for_step
+from conftest import TINY, PeerProcesses, report, wait_for_step
 
 CUT = 30  # seconds trainer-1's link is down: longer than a round's averaging timeout (20 s in tiny.yaml)
 pytestmark = [

@@ -31,7 +31,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, TINY, PeerProcesses, scrape, swarm_cli
+from conftest import ROOT, TINY, PeerProcesses, report, scrape, swarm_cli, wait_for_step
 from monitor.dashboard import dashboard_queries
 from swarm import records
 from swarm.config import load_config
@@ -89,19 +89,6 @@ def swarm_run(tmp_path_factory):
                                  exposition=exposition, final_exposition=final_exposition, dashboard=dashboard)
     finally:
         procs.close()
-
-
-def wait_for_step(procs: PeerProcesses, name: str, step: int, timeout: float = 240) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if f"Global step {step} done" in procs.log(name):
-            return
-        assert procs.procs[name].poll() is None, procs.log(name)[-3000:]
-        procs.remember_children()
-        time.sleep(0.5)
-    raise AssertionError(f"{name} did not reach step {step}:\n{procs.log(name)[-3000:]}")
 
 
 def read_records(addresses: list[str]) -> dict:
@@ -162,10 +149,6 @@ def sample(exposition: str, name: str) -> float:
     match = re.search(rf"^{re.escape(name)} (\S+)$", exposition, re.MULTILINE)
     assert match, f"{name} not in:\n{exposition}"
     return float(match.group(1))
-
-
-def report(work: Path, name: str) -> dict:
-    return json.loads((work / f"{name}.json").read_text())
 
 
 def test_trainers_and_late_joiner_exit_cleanly(swarm_run):
@@ -235,6 +218,7 @@ def test_late_joiner_downloads_state_through_a_trainer(swarm_run):
     assert late["final_step"] - late["start_step"] >= LATE_STEPS
     # in sync within one global step: its first or second round is averaged with the swarm (issue 4, item 3)
     assert any(r["outcome"] == "averaged" and r["group_size"] >= 2 for r in late["rounds"][:2]), late["rounds"]
+    assert "Joined swarm 'tiny'" in procs.log("late")
     for name, tensor in load_file(work / "late-model" / "model.safetensors").items():
         assert torch.isfinite(tensor).all(), name
 
