@@ -19,6 +19,7 @@ from pathlib import Path
 
 from peers.common import install_stop_handlers, route_hivemind_logs, run_entry, setup_logging
 from peers.options import OPTIONS
+from swarm.addresses import check_peer_address
 
 ROLES = {
     "seed": "start the first peer of a new swarm and publish its config",
@@ -71,9 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "max_steps", None) is not None and args.max_steps < 1:
         parser.error("--max-steps must be at least 1")
     setup_logging(args.verbose)
+    return run_entry(lambda: start(args))
+
+
+def start(args: argparse.Namespace) -> int:
+    for address in getattr(args, "addresses", None) or []:
+        check_peer_address(address)  # a mistyped address is answered before the stack is imported
     module = role(args.command)
     route_hivemind_logs()
-    return run_entry(lambda: module.run(args, install_stop_handlers()))
+    return module.run(args, install_stop_handlers())
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 - ``config``: the one typed swarm config (shared sections vs ``peer``), YAML loading, ``--set`` overrides.
 - ``records``: DHT key names and record schemas (signed config, trainers' progress records) and validators.
-- ``net``: identities, multiaddr checks, starting the DHT with bounded retries and clear errors.
+- ``addresses``: multiaddr checks that need no stack (the CLI runs them before importing it).
+- ``net``: identities, hivemind's multiaddr parse, starting the DHT with bounded retries and clear errors.
 - ``discovery``: publishing the signed config and fetching it given nothing but an address.
 - ``access``: private swarms: access tokens signed by the seed's key, DHT authorization, members-only averagers.
 - ``tokenizer``, ``data``, ``model``: byte tokenizer, corpora and per-peer shards, causal LMs from configs.

@@ -26,6 +26,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarm import records
+from swarm.addresses import check_peer_address, invalid
 from swarm.errors import SwarmError
 from swarm.files import write_atomic
 
@@ -44,15 +45,11 @@ def parse_peer_addresses(addresses: Sequence[str]) -> list[str]:
         raise SwarmError("no peer address given: pass one or more multiaddrs printed by a running peer")
     parsed = []
     for address in addresses:
+        check_peer_address(address)
         try:
             maddr = Multiaddr(address.strip())
         except Exception as error:
-            raise SwarmError(
-                f"{address!r} is not a valid multiaddr ({error}); expected e.g. /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW..."
-            ) from None
-        protocols = [proto.name for proto in maddr.protocols()]
-        if "p2p" not in protocols:
-            raise SwarmError(f"{address!r} lacks the peer id part (/p2p/...): copy the whole address a peer printed")
+            raise invalid(address, str(error)) from None
         parsed.append(str(maddr))
     return parsed
 

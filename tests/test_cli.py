@@ -43,15 +43,18 @@ def test_monitor_and_status_import_no_training_stack():
 
 
 def test_help_and_bad_configs_answer_before_the_stack_is_imported(tmp_path):
-    """torch and hivemind take seconds to import: `swarm ROLE --help` and a bad seed config need neither."""
+    """torch and hivemind take seconds to import: `swarm ROLE --help`, a bad seed config and a mistyped address
+    need neither."""
     config = tmp_path / "config.yaml"
     config.write_text("run_id: x\nmodel:\n  n_layers: 2\n")
     probe = ("import sys; from peers.cli import ROLES, build_parser, main; [build_parser(name) for name in ROLES]; "
-             f"code = main(['seed', '--config', {str(config)!r}]); "
-             "print(code, sorted({'torch', 'hivemind'} & {m.split('.')[0] for m in sys.modules}))")
+             f"codes = [main(['seed', '--config', {str(config)!r}]), main(['join', '/ip4/127.0.0.1/tcp/5']), "
+             "main(['status', '/ip4/1.2.3.256/tcp/5/p2p/Qm'])]; "
+             "print(codes, sorted({'torch', 'hivemind'} & {m.split('.')[0] for m in sys.modules}))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert result.stdout.strip() == "2 []", result.stdout + result.stderr
-    assert "unknown field model.n_layers" in result.stderr
+    assert result.stdout.strip() == "[2, 2, 2] []", result.stdout + result.stderr
+    assert "unknown field model.n_layers" in result.stderr and "lacks the peer id" in result.stderr
+    assert "'1.2.3.256' is not a valid ip4 value" in result.stderr
 
 
 def test_no_command_is_a_usage_error():
@@ -88,6 +91,8 @@ def test_bad_set_override():
     ("not-an-address", ["not a valid multiaddr"]),
     ("/ip4/127.0.0.1/tcp/5", ["peer id"]),
     ("/ip4/999.1.1.1/tcp/5/p2p/Qm", ["not a valid multiaddr"]),
+    ("/ip4/1.2.3.4/tcp/70000/p2p/Qm", ["not a valid multiaddr", "port 70000"]),
+    ("/ip4/1.2.3.4/tcp/5/p2p/Qm", ["not a valid multiaddr"]),  # (the peer id, parsed by hivemind)
 ])
 def test_join_rejects_malformed_addresses(address, words):
     assert_one_line_error(swarm_cli("join", address), *words)
