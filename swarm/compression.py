@@ -63,12 +63,41 @@ _WHOLE = {"fp16": Float16Compression, "none": NoCompression}
 
 def build_compression(name: str, *, size_threshold: int) -> CompressionBase:
     """A codec by config name; under the 8-bit names, tensors of fewer than ``size_threshold`` values go as fp16."""
+    if name == "blockwise8":
+        import_bitsandbytes()
     if name in _LARGE:
         small, large = _Counted(Float16Compression()), _Counted(_LARGE[name]())
         return SizeAdaptiveCompression(threshold=size_threshold, less=small, greater_equal=large)
     if name in _WHOLE:
         return _Counted(_WHOLE[name]())
     raise ValueError(f"unknown compression {name!r}; allowed: {', '.join(CODECS)}")
+
+
+def import_bitsandbytes() -> None:
+    """Import bitsandbytes (hivemind's blockwise 8-bit codec uses it) without letting it call torch.compile.
+
+    At import, bitsandbytes >= 0.45 wraps the pure-torch kernels of its "default" backend in torch.compile, which
+    imports dynamo and inductor: about a second of CPU in every trainer's start, more than the rest of
+    bitsandbytes. Those kernels serve devices without native ones; on CPU and CUDA bitsandbytes registers native
+    kernels for the blockwise (de)quantization used here. If torch.compile raises, bitsandbytes keeps the plain
+    function (its own fallback), so while it is imported torch.compile raises. Nothing else runs torch.compile
+    this early in a peer's life."""
+    import sys
+
+    if "bitsandbytes" in sys.modules:
+        return
+    compile_ = torch.compile
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("torch.compile is not used while bitsandbytes is imported")
+
+    torch.compile = unavailable
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        pass  # hivemind's codec says what to install when it is used
+    finally:
+        torch.compile = compile_
 
 
 class WireCounters:
