@@ -48,10 +48,11 @@ import numpy as np
 import torch
 import hivemind.averaging.averager as hivemind_averager
 from hivemind.averaging.allreduce import AllReduceRunner
-from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
+
+from swarm.matchmaking import PacedMatchmaking
 
 logger = logging.getLogger(__name__)
 
@@ -401,8 +402,9 @@ class GuardedAllReduceRunner(AllReduceRunner):
             yield message
 
 
-class GuardedMatchmaking(Matchmaking):
-    """Matchmaking that neither accepts a banned peer into our group nor joins a banned leader's."""
+class GuardedMatchmaking(PacedMatchmaking):
+    """Matchmaking that neither accepts a banned peer into our group nor joins a banned leader's (and reads the
+    DHT at a bounded rate, see swarm.matchmaking)."""
 
     async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context) -> AsyncIterator:
         if is_banned(context.remote_id):

@@ -50,6 +50,7 @@ DIGEST_STEPS = 2
 INITIAL_TOLERANCE = 1e-4  # a state at step 0 must be the config's own initial model
 DONOR_LOOKUP_SECONDS = 15.0  # reading the donor registry from the DHT; a download then has its own timeouts
 MAX_DONORS_TRIED = 8
+DECLARE_INTERVAL = 1.0  # seconds between two stores of this peer's donor entry, at least
 REFUSED_DONOR_SECONDS = 600.0  # a donor whose state was refused is tried after all others for this long
 
 Check = Callable[[dict, Sequence[torch.Tensor]], "str | None"]
@@ -71,19 +72,32 @@ class _VerifiedDownload(DecentralizedAverager):
 
     async def _declare_for_download_periodically(self):
         """Offer our state in a signed registry ({prefix}_donors, one entry per owner key, naming the owner's peer
-        id), instead of hivemind's unsigned one, where anyone could list or hide any peer."""
-        key, offered = f"{self._matchmaking.group_key_manager.prefix}_donors", self.allow_state_sharing
+        id), instead of hivemind's unsigned one, where anyone could list or hide any peer.
+
+        The entry is stored again when it changes (sharing switched on or off, a new priority: the epoch) or half
+        its lifetime has passed, and at most once a second: hivemind wakes this loop for every tensor that an
+        all-reduce updates, and storing on each wake-up was ~10 DHT stores a second per trainer."""
+        key = f"{self._matchmaking.group_key_manager.prefix}_donors"
+        stored, expiration, last_store = None, -math.inf, -math.inf
         while True:
-            expiration = get_dht_time() + self.declare_state_period
-            if (self.allow_state_sharing or offered) and self.owner_subkey is not None:
+            now = get_dht_time()
+            value = None
+            if self.allow_state_sharing:
                 value = dict(peer_id=self.peer_id.to_bytes(), priority=float(self.state_sharing_priority))
+            due = value != stored or (value is not None and now >= expiration - self.declare_state_period / 2)
+            if due and self.owner_subkey is not None:
+                if now < last_store + DECLARE_INTERVAL:
+                    await asyncio.sleep(last_store + DECLARE_INTERVAL - now)
+                    continue
+                expiration = now + self.declare_state_period
                 asyncio.create_task(asyncio.wait_for(self.dht.store(
-                    key, subkey=self.owner_subkey, value=value if self.allow_state_sharing else None,
-                    expiration_time=expiration, return_future=True), timeout=self.declare_state_period))
-                offered = self.allow_state_sharing
+                    key, subkey=self.owner_subkey, value=value, expiration_time=expiration, return_future=True),
+                    timeout=self.declare_state_period))
+                stored, last_store = value, now
             self._state_updated.clear()
+            refresh = expiration - self.declare_state_period / 2 - get_dht_time() if stored is not None else None
             try:
-                await asyncio.wait_for(self._state_updated.wait(), timeout=max(0.0, expiration - get_dht_time()))
+                await asyncio.wait_for(self._state_updated.wait(), timeout=None if refresh is None else max(0.0, refresh))
             except asyncio.TimeoutError:
                 pass
 
