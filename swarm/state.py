@@ -95,9 +95,11 @@ class _VerifiedDownload(DecentralizedAverager):
                     timeout=self.declare_state_period))
                 stored, last_store = value, now
             self._state_updated.clear()
-            refresh = expiration - self.declare_state_period / 2 - get_dht_time() if stored is not None else None
+            refresh = None  # nothing offered: wait for a change
+            if stored is not None:
+                refresh = max(0.0, expiration - self.declare_state_period / 2 - get_dht_time())
             try:
-                await asyncio.wait_for(self._state_updated.wait(), timeout=None if refresh is None else max(0.0, refresh))
+                await asyncio.wait_for(self._state_updated.wait(), timeout=refresh)
             except asyncio.TimeoutError:
                 pass
 
