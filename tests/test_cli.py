@@ -103,7 +103,7 @@ def test_unreachable_peer_gives_up_with_advice(command):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens here once closed
-    result = swarm_cli(command, FAKE_PEER.format(port=port), "--timeout", "3")
+    result = swarm_cli(command, FAKE_PEER.format(port=port), "--timeout", "1")
     assert_one_line_error(result, "could not reach", "firewall", "--host")
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import TINY, PeerProcesses, report, wait_for_step
 
-CUT = 30  # seconds trainer-1's link is down: longer than a round's averaging timeout (20 s in tiny.yaml)
+CUT = 25  # seconds trainer-1's link is down: longer than a round's averaging timeout (20 s in tiny.yaml)
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                        reason="cutting a peer's link needs root and iproute2 (network namespaces, ip link)"),
