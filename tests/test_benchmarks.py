@@ -134,7 +134,7 @@ def test_training_toy_swarm(tmp_path):
 
 @pytest.mark.parametrize("module,args", [
     ("averaging", ["--peers", "1"]), ("averaging", ["--values", "lots"]), ("wan", ["--megabytes", "-1"]),
-    ("codec_bench", ["--repeats", "0"]), ("training", ["--variant", "fp64"]),
+    ("codec_bench", ["--repeats", "0"]), ("training", ["--variant", "fp64"]), ("peer_cpu", ["--trainers", "0"]),
 ])
 def test_bad_arguments_are_one_line_errors(module, args):
     result = bench(module, *args, timeout=60)
