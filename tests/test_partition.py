@@ -17,7 +17,7 @@ import pytest
 
 from conftest import TINY, PeerProcesses, report, wait_for_step
 
-CUT = 25  # seconds trainer-1's link is down: longer than a round's averaging timeout (20 s in tiny.yaml)
+CUT = 30  # seconds trainer-1's link is down: longer than a round's averaging timeout (20 s in tiny.yaml)
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                        reason="cutting a peer's link needs root and iproute2 (network namespaces, ip link)"),
@@ -62,6 +62,7 @@ def healed_swarm(tmp_path_factory):
         swarm_step_at_cut_end = max(map(int, re.findall(r"Global step (\d+) done", peers.log("trainer-0"))))
         set_link(wan, 2, "up")
         wait_for_step(peers, "trainer-0", swarm_step_at_cut_end + 3, timeout=300)
+        wait_for_step(peers, "trainer-1", swarm_step_at_cut_end + 3, timeout=120)  # its rounds up to heal + 2 are in
         for name in ("trainer-0", "trainer-1", "trainer-2"):
             peers.procs[name].send_signal(signal.SIGINT)
         codes = {name: peers.procs[name].wait(60) for name in ("trainer-0", "trainer-1", "trainer-2")}
