@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         swarm.close()
     share = {key: 100 * (after[key] - before[key]) / args.seconds for key in after}
-    trainers = [name for name in swarm.peers]
+    trainers = list(swarm.peers)
     per_kind = {k: round(sum(share.get((t, k), 0.0) for t in trainers) / len(trainers), 1)
                 for k in ("main", "helpers", "p2pd")}
     rounds = re.findall(r"Step \d+: (averaged|averaging \w+)", first.log.read_text(errors="replace"))

@@ -34,4 +34,8 @@ def check_peer_address(address: str) -> None:
         if name in ("tcp", "udp") and not 0 <= number <= 65535:
             raise invalid(address, f"port {value} is out of range")
     if "p2p" not in parts and "ipfs" not in parts:
-        raise SwarmError(f"{address!r} lacks the peer id part (/p2p/...): copy the whole address a peer printed")
+        raise lacks_peer_id(address)
+
+
+def lacks_peer_id(address: str) -> SwarmError:
+    return SwarmError(f"{address!r} lacks the peer id part (/p2p/...): copy the whole address a peer printed")

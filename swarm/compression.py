@@ -25,6 +25,7 @@ import importlib.metadata
 import logging
 import math
 import multiprocessing as mp
+import sys
 from typing import Any, Iterator, TypeVar
 
 import numpy as np
@@ -82,8 +83,6 @@ def import_bitsandbytes() -> None:
     kernels for the blockwise (de)quantization used here. If torch.compile raises, bitsandbytes keeps the plain
     function (its own fallback), so while it is imported torch.compile raises. Nothing else runs torch.compile
     this early in a peer's life."""
-    import sys
-
     if "bitsandbytes" in sys.modules:
         return
     compile_ = torch.compile

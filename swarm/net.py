@@ -26,7 +26,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarm import records
-from swarm.addresses import check_peer_address, invalid
+from swarm.addresses import check_peer_address, invalid, lacks_peer_id
 from swarm.errors import SwarmError
 from swarm.files import write_atomic
 
@@ -50,6 +50,8 @@ def parse_peer_addresses(addresses: Sequence[str]) -> list[str]:
             maddr = Multiaddr(address.strip())
         except Exception as error:
             raise invalid(address, str(error)) from None
+        if "p2p" not in [proto.name for proto in maddr.protocols()]:  # ("p2p" as another protocol's value)
+            raise lacks_peer_id(address)
         parsed.append(str(maddr))
     return parsed
 
