@@ -315,12 +315,13 @@ class StateCheck:
             return None
         near = [d for step, ds in digests.items() if abs(step - epoch) <= DIGEST_STEPS for d in ds]
         published = sum(len(ds) for ds in digests.values())
-        if len(near) < 2:
+        if not near:
             if published >= 2:
                 return Unplaced(f"it claims step {epoch}, but none of the {published} trainers' records is near "
                                 "that step")
             logger.info("Could not cross-check the downloaded state: %d trainers publish a digest", published)
             return None
+        # one witness is enough to refuse a foreign state; with two or more, the median outvotes a lying one
         distance = self._distance(ours, torch.tensor(near).median(dim=0).values)
         logger.info("Downloaded state at step %d vs %d trainers' digests: relative distance %.4f",
                     epoch, len(near), distance)
@@ -364,18 +365,25 @@ def _flatten_with_paths(node: Any, path: tuple = ()):
 def records_bounds(dht: hivemind.DHT, run_id: str,
                    own_subkey: bytes | None = None) -> tuple[int | None, dict[int, list[list[float]]]]:
     """From the trainers' signed progress records: the highest step claimed by at least two trainers + 1, and the
-    digests they publish by step. The bound is None when fewer than two trainers other than us (``own_subkey``)
-    publish: our own record can witness a step one past ours, but a peer alone with one other trainer, which it
-    fell behind by two steps or more, would otherwise refuse that trainer's state."""
+    digests the other trainers publish by step. The bound is None when fewer than two trainers other than us
+    (``own_subkey``) publish: our own record can witness a step one past ours, but a peer alone with one other
+    trainer, which it fell behind by two steps or more, would otherwise refuse that trainer's state. Our own digest
+    is left out: it is of the state we are replacing, and counted as a trainer far from the donor's step it made a
+    joiner alone with one trainer refuse that trainer's state for good."""
     from swarm.progress import read_trainer_records
 
-    found = read_trainer_records(dht, run_id)
+    return swarm_view(read_trainer_records(dht, run_id), own_subkey)
+
+
+def swarm_view(found: dict[bytes, Any], own_subkey: bytes | None = None
+               ) -> tuple[int | None, dict[int, list[list[float]]]]:
+    """records_bounds of the trainers' records ``found`` (TrainerRecord by subkey)."""
     records = list(found.values())
     steps = sorted((record.step for record in records), reverse=True)
     bound = steps[1] + 1 if len([subkey for subkey in found if subkey != own_subkey]) >= 2 else None
     digests: dict[int, list[list[float]]] = {}
-    for record in records:
-        if record.digest:
+    for subkey, record in found.items():
+        if record.digest and subkey != own_subkey:
             digests.setdefault(record.digest_step, []).append(list(record.digest))
     return bound, digests
 

@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 
-from swarm.state import DIGEST_TOLERANCE, StateCheck, Unplaced, digest_scales, second_moment_indices, state_digest
+from swarm.records import TrainerRecord
+from swarm.state import (DIGEST_TOLERANCE, StateCheck, Unplaced, digest_scales, second_moment_indices, state_digest,
+                         swarm_view)
 
 
 def make_state(seed: int = 0):
@@ -87,6 +89,29 @@ def test_a_step_far_from_every_trainer_is_refused():
     problem = checker(params, optimizer, opt, digests={50: [state_digest(params)] * 2})({"epoch": 5}, params + opt)
     assert problem is not None and "near that step" in problem
     assert isinstance(problem, Unplaced)
+
+
+def _record(step: int, params) -> TrainerRecord:
+    return TrainerRecord(step=step, loss=1.0, samples_per_second=1.0, tokens_per_second=1.0, samples_done=0,
+                         bytes_sent=0, bytes_received=0, rounds_averaged=0, rounds_partial=0, rounds_skipped=0,
+                         rounds_failed=0, device="cpu", time=0.0, digest=state_digest(params), digest_step=step)
+
+
+def test_a_joiner_alone_with_one_trainer_checks_against_that_trainer():
+    """A joiner far behind the one trainer left (its own record at its old step): its own digest is no witness, so
+    the trainer's state is loaded and a foreign one at the same step refused (CI once saw a joiner refuse the
+    trainer's state for 5 minutes, counting its own stale record as a second trainer far from the donor's step)."""
+    params, optimizer, opt = make_state(seed=0)
+    stale, _, _ = make_state(seed=2)
+    foreign, _, _ = make_state(seed=1)
+    bound, digests = swarm_view({b"me": _record(2, stale), b"trainer": _record(74, params)}, own_subkey=b"me")
+    assert bound is None and digests == {74: [state_digest(params)]}
+    check = checker(params, optimizer, opt, bound=bound, digests=digests)
+    assert check({"epoch": 74}, params + opt) is None
+    problem = check({"epoch": 74}, foreign + opt)
+    assert problem is not None and "differ from what 1 trainers" in problem and not isinstance(problem, Unplaced)
+    assert swarm_view({b"me": _record(2, stale), b"trainer": _record(74, params)})[1] == {
+        2: [state_digest(stale)], 74: [state_digest(params)]}  # (without own_subkey, every digest counts)
 
 
 def test_at_step_zero_only_the_configs_initial_model_passes():
