@@ -383,7 +383,11 @@ def test_seed_resumes_a_swarm_from_a_checkpoint(swarm_run, tmp_path):
     resumed = [report(tmp_path, f"trainer-{i}") for i in range(2)]
     for trainer in resumed:
         assert trainer["start_step"] == step and trainer["final_step"] == step + 1, trainer
-        assert trainer["rounds"][0]["outcome"] == "averaged", trainer["rounds"]
+        assert trainer["rounds"][0]["group_size"] == 2, trainer["rounds"]  # the two averaged together
+    # and at least one of them received every part: on a loaded machine the other's stream from a reducer can end
+    # partway (seen once in a clean clone: "received 92.0% results"; hivemind then keeps its own values there)
+    outcomes = sorted(trainer["rounds"][0]["outcome"] for trainer in resumed)
+    assert outcomes in (["averaged", "averaged"], ["averaged", "partial"]), [t["rounds"] for t in resumed]
     first_loss = sum(trainer["losses"][str(step)] for trainer in resumed) / 2
     assert first_loss < 4.5, [trainer["losses"] for trainer in resumed]  # a fresh model starts near 5.5
 
