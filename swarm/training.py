@@ -106,16 +106,18 @@ class Trainer:
                 tokens_per_second=tokens_done / elapsed,
             )
         result.stopped_early = stop.is_set()
-        self._settle()
+        self._settle(grace=0.0 if result.stopped_early else 2 * self.opt.matchmaking_time)
         result.final_step = self.opt.local_epoch
         result.lr = float(self.opt.opt.param_groups[0]["lr"])
         return result
 
-    def _settle(self) -> None:
-        """Apply a background parameter-averaging round that finished after our last step (one that has not found
-        its group within two matchmaking times is called off: its peers may have left)."""
+    def _settle(self, grace: float) -> None:
+        """Apply a background parameter-averaging round that finished after our last step; one that has not found
+        its group within ``grace`` seconds is called off (its peers may have left). After max_steps the grace is two
+        matchmaking times, so that trainers finishing together average their last parameters; on a stop signal it
+        is none: whoever asked us to stop is waiting, and a round without a group yet loses the others nothing."""
         try:
-            self.opt.call_off_lonely_round(grace=2 * self.opt.matchmaking_time)
+            self.opt.call_off_lonely_round(grace=grace)
             self.opt.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
         except Exception as error:  # a peer left mid-round: our own parameters are still valid
             logger.warning("Last parameter averaging round did not finish: %s", error)
