@@ -7,7 +7,8 @@ peer catches up: one that ran ahead alone goes back to the swarm's step; one lef
 without waiting for a step of its own (``_left_behind``); a download waits out an imminent end of the swarm's step
 and is followed at once by looking for the swarm's current round (``load_state_from_peers``); and rounds the
 swarm has left behind, or that find no group once the peer is leaving, are called off rather than held until their
-timeout (``call_off_stale_round``, ``call_off_stale_gradient_round``, ``call_off_rounds_when_leaving``).
+timeout (``call_off_stale_round``, ``call_off_stale_gradient_round``, ``call_off_rounds_when_leaving``); so is
+any round once no other trainer is left (``call_off_rounds_alone``).
 """
 
 from __future__ import annotations
@@ -277,6 +278,41 @@ class SwarmOptimizer(hivemind.Optimizer):
                     "finished that step", epoch)
         return _cancel(control)
 
+    def call_off_rounds_alone(self) -> bool:
+        """Cancel the gradient round our step waits on, and the background parameter round, while still looking for
+        a group after they should have begun, once the trainers we were training with have all left: the DHT shows
+        no other live progress record (beyond-belief ones aside), and withdrawn records (hivemind's tracker
+        withdraws its record when its trainer shuts down) for at least as many trainers as our tracker counted
+        besides us at the start of the step. Our tracker's view is a step old (it pauses during the step), so
+        hivemind went on looking for the trainers that had just finished their last step, each round until
+        ``averaging_timeout``: a trainer whose two partners reached their --max-steps together stalled 21 s, and
+        18 s more on its next parameter round. The step then uses our own gradients and parameters.
+
+        Records that are merely missing call nothing off: a trainer cut off from the swarm sees only its own, and
+        its rounds waiting out their timeout are what keep it from running ahead alone (see
+        ``call_off_stale_round``). So does a read that fails or does not show our own record. Returns whether a
+        round was called off."""
+        now, rounds = get_dht_time(), []
+        grads, params = self.scheduled_grads, self.state_averager.last_round  # (_RemembersLastRound)
+        if grads is not None and grads.triggered:  # (one merely scheduled holds nobody up)
+            rounds.append(("gradient", grads, self.local_epoch))
+        if params is not None:
+            rounds.append(("parameter", params, self.state_averager.last_round_epoch))
+        rounds = [r for r in rounds if _looking_for_group(r[1]) and now >= r[1].scheduled_time]
+        if not rounds:
+            return False
+        others, seen_own, withdrawn = self._other_progress()
+        if not seen_own or any(peer.epoch <= self.local_epoch + ABSURD_STEPS for peer in others) or \
+                withdrawn < max(1, self.tracker.global_progress.num_peers - 1):
+            return False
+        called_off = False
+        for kind, control, epoch in rounds:
+            if _looking_for_group(control):
+                logger.info("Calling off the %s averaging round for step %s: no other trainer is left to average "
+                            "with", kind, epoch)
+                called_off |= _cancel(control)
+        return called_off
+
     def call_off_rounds_when_leaving(self) -> bool:
         """Once the peer is leaving (``leaving`` is set), cancel a gradient or parameter round still without a group
         a matchmaking time after it should have begun: its partners have left or are not coming, and hivemind would
@@ -298,18 +334,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         ``call_off_stale_round``; our round has been looking for a group since ``looking_since``), and how many
         records of other trainers there are. It takes half of them: one trainer alone ahead, or one that lies,
         does not call off our round (an absurd claim is not counted at all)."""
-        found = self.dht.get(self.tracker.training_progress_key, latest=True, return_future=True).result(
-            timeout=PROGRESS_READ_SECONDS)
-        if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
-            return 0, 0
-        own, done, others, first_seen = self.dht.peer_id.to_bytes(), 0, 0, {}
-        for item in found.value.values():
-            try:
-                peer = LocalTrainingProgress.parse_obj(item.value)
-            except Exception:
-                continue
-            if peer.peer_id == own:
-                continue
+        done, others, first_seen = 0, 0, {}
+        for peer in self._other_progress()[0]:
             seen_epoch, seen_at = self._first_seen.get(peer.peer_id, (None, 0.0))
             if seen_epoch != peer.epoch:
                 seen_at = peer.time
@@ -319,6 +345,29 @@ class SwarmOptimizer(hivemind.Optimizer):
                 peer.epoch == epoch and peer.time - max(seen_at, looking_since) >= self.matchmaking_time)
         self._first_seen = first_seen  # (only the trainers in this read: bounded by the records)
         return done, others
+
+    def _other_progress(self) -> tuple[list[LocalTrainingProgress], bool, int]:
+        """From the DHT itself: the other trainers' live progress records, whether our own is there (if not, the
+        read says little about who is), and how many other trainers' records are withdrawn."""
+        found = self.dht.get(self.tracker.training_progress_key, latest=True, return_future=True).result(
+            timeout=PROGRESS_READ_SECONDS)
+        if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
+            return [], False, 0
+        own, others, seen_own, withdrawn = self.dht.peer_id.to_bytes(), [], False, 0
+        for subkey, item in found.value.items():
+            value = item.value if isinstance(item, ValueWithExpiration) else None
+            if value is None:
+                withdrawn += subkey != self.tracker._local_public_key
+                continue
+            try:
+                peer = LocalTrainingProgress.parse_obj(value)
+            except Exception:
+                continue
+            if peer.peer_id == own:
+                seen_own = True
+            else:
+                others.append(peer)
+        return others, seen_own, withdrawn
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         self._grads_in_averager = False  # (hivemind's own fallback in there must read the accumulators)
@@ -349,6 +398,8 @@ class SwarmOptimizer(hivemind.Optimizer):
                 self._load_averaged_gradients_into_optimizer_()
                 self._record("averaged", len(group_info))
                 return
+        except CancelledError:
+            self._record("failed", 1, "called off without a group")
         except BaseException as error:
             self._record("failed", 1, f"{type(error).__name__}: {error}"[:200])
         self._load_local_gradients_into_optimizer()
@@ -388,6 +439,7 @@ def _watch_for_stale_rounds(optimizer_ref: weakref.ref, stop: threading.Event) -
         try:
             optimizer.call_off_rounds_when_leaving()
             optimizer.call_off_stale_gradient_round()
+            optimizer.call_off_rounds_alone()
             optimizer.call_off_stale_round()
         except Exception as error:  # (a DHT that is shutting down): never let the watch end a trainer
             logger.debug("Could not check for a stale parameter averaging round: %s", error)

@@ -2,8 +2,10 @@
 trainer for ``averaging_timeout`` (SwarmOptimizer.call_off_lonely_round), also as soon as half of the other trainers
 have finished the step it is for (SwarmOptimizer.call_off_stale_round), a trainer catching up by download drops
 a gradient round without a group and looks for the swarm's current one, and a trainer that is leaving calls off its
-rounds without a group (SwarmOptimizer.call_off_rounds_when_leaving): a real optimizer with its averager
-processes and a DHT on 127.0.0.1, alone, so its rounds can never find a group."""
+rounds without a group (SwarmOptimizer.call_off_rounds_when_leaving), as does one whose partners have all left
+(SwarmOptimizer.call_off_rounds_alone): a real optimizer with its averager processes and a DHT on
+127.0.0.1, whose rounds can never find a group (its partners, where a test has any, are progress trackers
+without averagers)."""
 
 from __future__ import annotations
 
@@ -84,12 +86,11 @@ def test_a_parameter_round_is_called_off_once_the_others_are_done_with_its_step(
                     other.update_epoch(epoch)
             other.report_local_progress(local_epoch=epoch, samples_accumulated=samples)
 
-        round_ = begin_round(1)
         # a peer (with no averager: no group can form) that reached step 1 and then made no more progress that we
-        # could see: as a cut-off trainer sees the records it fetched before the cut
-        other = ProgressTracker(other_dht, prefix="lonely", target_batch_size=config.averaging.target_batch_size,
-                                min_refresh_period=0.2, default_refresh_period=0.2, private_key=RSAPrivateKey(),
-                                start=True)
+        # could see: as a cut-off trainer sees the records it fetched before the cut. (It is there before our round
+        # begins: a trainer alone calls its rounds off, call_off_rounds_alone.)
+        other = partner_in(other_dht, config, optimizer)
+        round_ = begin_round(1)
         other_at(1)
         wait_until(lambda: optimizer._peers_done(1, looking_since=get_dht_time())[1] == 1)
         assert optimizer._peers_done(1, looking_since=get_dht_time()) == (0, 1)  # its record is there, at step 1
@@ -225,10 +226,12 @@ def test_a_leaving_peer_calls_off_its_rounds_without_a_group():
     config = load_config(TINY)
     config = config.model_copy(update=dict(timeouts=config.timeouts.model_copy(update=dict(matchmaking=1.0))))
     dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    optimizer = None
+    partner_dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dht.get_visible_maddrs())
+    optimizer = partner = None
     try:
         model = torch.nn.Linear(8, 8)
         optimizer = lonely_optimizer(dht, config, model)
+        partner = partner_in(partner_dht, config, optimizer)  # still here: our rounds are not called off for that
         averager = optimizer.state_averager
         averager.step(averaging_round=True, delay_averaging=True, averaging_opts=dict(timeout=120.0))
         wait_until(lambda: averager.last_round is not None)  # begun in hivemind's executor thread
@@ -249,6 +252,66 @@ def test_a_leaving_peer_calls_off_its_rounds_without_a_group():
         optimizer._average_gradients_and_load_into_optimizer(gradient_round)
         assert optimizer.round_log.rounds[-1].outcome == "failed"
     finally:
-        if optimizer is not None:
-            optimizer.shutdown()
+        for peer in optimizer, partner:
+            if peer is not None:
+                peer.shutdown()
+        partner_dht.shutdown()
+        dht.shutdown()
+
+
+def partner_in(dht: DHT, config, optimizer) -> ProgressTracker:
+    """Another trainer's progress tracker (no averager: no group can form), once the optimizer's DHT reads its
+    record and the optimizer's own."""
+    partner = ProgressTracker(dht, prefix="lonely", target_batch_size=config.averaging.target_batch_size,
+                              min_refresh_period=0.2, default_refresh_period=0.2, private_key=RSAPrivateKey(),
+                              start=True)
+    partner.report_local_progress(local_epoch=0, samples_accumulated=8)
+
+    def both_seen() -> bool:
+        others, seen_own, _ = optimizer._other_progress()
+        return len(others) == 1 and seen_own
+
+    wait_until(both_seen)
+    assert both_seen(), optimizer._other_progress()
+    return partner
+
+
+def test_a_trainer_whose_partners_left_calls_off_its_rounds():
+    """The gradient round a step waits on and the background parameter round, still without a group, are called
+    off once every other trainer's progress record is withdrawn (hivemind's tracker withdraws it as its trainer
+    shuts down): hivemind would look for the trainers that had just left until averaging_timeout, one round after
+    the other. While a partner's record is live, they are left alone."""
+    config = load_config(TINY)
+    config = config.model_copy(update=dict(timeouts=config.timeouts.model_copy(update=dict(matchmaking=1.0))))
+    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    partner_dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dht.get_visible_maddrs())
+    optimizer = partner = None
+    try:
+        model = torch.nn.Linear(8, 8)
+        optimizer = lonely_optimizer(dht, config, model)
+        partner = partner_in(partner_dht, config, optimizer)
+        averager = optimizer.state_averager
+        averager.step(averaging_round=True, delay_averaging=True, averaging_opts=dict(timeout=120.0))
+        wait_until(lambda: averager.last_round is not None)  # begun in hivemind's executor thread
+        parameter_round = averager.last_round
+        model(torch.randn(4, 8)).square().sum().backward()
+        optimizer.grad_averager.accumulate_grads_(batch_size=4)
+        gradient_round = optimizer.scheduled_grads = optimizer.grad_averager.schedule_step(timeout=120.0)
+        with optimizer.tracker.pause_updates():  # the tracker's view before the partner left: the round begins
+            optimizer.tracker.global_progress.num_peers = 2
+            assert optimizer._begin_averaging_gradients(None)
+        latest = max(gradient_round.scheduled_time, parameter_round.scheduled_time)
+        wait_until(lambda: get_dht_time() > latest + 3 * config.timeouts.matchmaking)
+        assert not gradient_round.done() and not parameter_round.done()  # the partner may still come: left alone
+        partner.shutdown()  # its record is withdrawn
+        partner = None
+        wait_until(lambda: gradient_round.done() and parameter_round.done(), timeout=30)  # (their timeouts: 120 s)
+        assert gradient_round.cancelled() and parameter_round.cancelled(), (gradient_round, parameter_round)
+        optimizer._average_gradients_and_load_into_optimizer(gradient_round)
+        assert optimizer.round_log.rounds[-1].outcome == "failed"
+    finally:
+        for peer in optimizer, partner:
+            if peer is not None:
+                peer.shutdown()
+        partner_dht.shutdown()
         dht.shutdown()
