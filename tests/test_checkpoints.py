@@ -151,9 +151,9 @@ sys.path[:0] = [{root!r}, {root!r} + "/tests"]
 from test_checkpoints import trained, save
 from swarm.checkpoint import CheckpointStore
 model, optimizer = trained()
+step = int(sys.stdin.readline())  # (started ahead of its turn: it opens the store when told the step to go on from)
 store = CheckpointStore({directory!r}, keep=2).open()
 print("ready", flush=True)
-step = int(sys.argv[1])
 while True:
     step += 1
     save(store, step, model, optimizer)
@@ -165,27 +165,35 @@ def test_kill_9_during_saves_always_leaves_a_loadable_latest(tmp_path):
     script = WRITER.format(root=root, directory=str(tmp_path / "ckpt"))
     rng = random.Random(1234)
     step, kills, mid_save = 0, 0, 0
-    for attempt in range(4):
-        writer = subprocess.Popen([sys.executable, "-c", script, str(step * 1000)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, text=True, cwd=root)
-        try:
+    # all four start at once (their imports overlap); each opens the store only when its turn comes
+    writers = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, cwd=root) for _ in range(4)]
+    try:
+        for writer in writers:
+            writer.stdin.write(f"{step * 1000}\n")
+            writer.stdin.flush()
             assert writer.stdout.readline().strip() == "ready", "the writer did not start"
             time.sleep(rng.uniform(0.05, 1.0))  # somewhere inside a save: they take ~50 ms each
-        finally:
             writer.send_signal(signal.SIGKILL)
             writer.wait()
+            kills += 1
+            step += 1
+            scratch = [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith((".tmp-step", ".old-"))]
+            mid_save += bool(scratch)
+            if not (tmp_path / "ckpt" / "latest").exists():
+                continue  # killed before the first save finished
+            latest = resolve(tmp_path / "ckpt")
+            model = build_model(SMALL, vocab_size=257)
+            load_weights(model, latest)
+            load_optimizer(optimizer_factory(OptimizerConfig())(model.parameters()), names(model), latest)
+            assert read_state(latest)["step"] >= 1
+    finally:
+        for writer in writers:
+            if writer.poll() is None:
+                writer.kill()
+            writer.wait()
+            writer.stdin.close()
             writer.stdout.close()
-        kills += 1
-        step += 1
-        scratch = [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith((".tmp-step", ".old-"))]
-        mid_save += bool(scratch)
-        if not (tmp_path / "ckpt" / "latest").exists():
-            continue  # killed before the first save finished
-        latest = resolve(tmp_path / "ckpt")
-        model = build_model(SMALL, vocab_size=257)
-        load_weights(model, latest)
-        load_optimizer(optimizer_factory(OptimizerConfig())(model.parameters()), names(model), latest)
-        assert read_state(latest)["step"] >= 1
     assert kills == 4 and mid_save >= 1, "no kill landed inside a save"  # saves fill nearly all the writer's time
     assert (tmp_path / "ckpt" / "latest").exists(), "no save finished in 4 runs"
     CheckpointStore(tmp_path / "ckpt", keep=2).open().close()  # scratch from the kills is cleared on open
