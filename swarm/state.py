@@ -315,13 +315,13 @@ class StateCheck:
             return None
         near = [d for step, ds in digests.items() if abs(step - epoch) <= DIGEST_STEPS for d in ds]
         published = sum(len(ds) for ds in digests.values())
+        if len(near) < 2 and published >= 2:  # (one near, if it is the donor's own, would vouch for itself)
+            return Unplaced(f"it claims step {epoch}, but fewer than two of the {published} trainers' records are "
+                            "near that step")
         if not near:
-            if published >= 2:
-                return Unplaced(f"it claims step {epoch}, but none of the {published} trainers' records is near "
-                                "that step")
             logger.info("Could not cross-check the downloaded state: %d trainers publish a digest", published)
             return None
-        # one witness is enough to refuse a foreign state; with two or more, the median outvotes a lying one
+        # the one trainer publishing (it may be the donor), or the median of two or more (it outvotes a liar)
         distance = self._distance(ours, torch.tensor(near).median(dim=0).values)
         logger.info("Downloaded state at step %d vs %d trainers' digests: relative distance %.4f",
                     epoch, len(near), distance)

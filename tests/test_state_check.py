@@ -114,6 +114,16 @@ def test_a_joiner_alone_with_one_trainer_checks_against_that_trainer():
         2: [state_digest(stale)], 74: [state_digest(params)]}  # (without own_subkey, every digest counts)
 
 
+def test_a_donor_cannot_vouch_for_its_own_state():
+    """A liar publishing a digest of its own (foreign) state at a step no honest trainer is near: with two trainers
+    publishing, one digest near the step is not enough."""
+    params, optimizer, opt = make_state(seed=0)
+    foreign, _, _ = make_state(seed=1)
+    digests = {74: [state_digest(params)], 2: [state_digest(foreign)]}
+    problem = checker(params, optimizer, opt, digests=digests)({"epoch": 2}, foreign + opt)
+    assert isinstance(problem, Unplaced) and "fewer than two" in problem, problem
+
+
 def test_at_step_zero_only_the_configs_initial_model_passes():
     params, optimizer, opt = make_state(seed=0)
     foreign, _, _ = make_state(seed=1)
