@@ -76,7 +76,7 @@ def connect(args: argparse.Namespace, overrides: list[str], access: Access | Non
 def run(args: argparse.Namespace, stop: threading.Event) -> int:
     access = load_access(args.token)  # an expired or tampered token fails before we connect
     dht, private_key, config, published = connect(args, local_overrides(args), access)
-    optimizer = None
+    optimizer = trainer = None
     try:
         if access is not None:  # re-publish our token; stop when it expires
             threading.Thread(target=keep_membership_until, args=(stop, dht, access), daemon=True,
@@ -100,6 +100,8 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
     finally:
         if optimizer is not None:
             optimizer.shutdown()
+        if trainer is not None:
+            trainer.publisher.withdraw()
         dht.shutdown()
 
 

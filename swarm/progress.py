@@ -44,6 +44,16 @@ class ProgressPublisher:
         self.dht.store(self.key, record.dict(), expiration_time=get_dht_time() + self.ttl, subkey=self.subkey,
                        return_future=not wait)
 
+    def withdraw(self, timeout: float = 5.0) -> None:
+        """Replace this trainer's record with an empty one (hivemind's tracker does the same with its progress), so
+        that the monitor, joiners' state checks and config discovery stop counting a trainer that has left at once,
+        not when its record expires."""
+        try:
+            self.dht.store(self.key, None, expiration_time=get_dht_time() + self.ttl, subkey=self.subkey,
+                           return_future=True).result(timeout=timeout)
+        except Exception as error:  # leaving anyway: the record then expires by itself
+            logger.debug("Could not withdraw this trainer's progress record: %r", error)
+
     def record(self, *, step: int, loss: float, samples_done: int, samples_per_second: float,
                tokens_per_second: float) -> TrainerRecord:
         counts = self.round_log.counts()

@@ -113,6 +113,21 @@ def test_another_peers_signed_record_cannot_be_overwritten(nodes):
     assert found.value[owner].value["step"] == 3
 
 
+def test_a_trainer_withdraws_its_own_record_and_no_one_elses(nodes):
+    from swarm.compression import WireCounters
+    from swarm.progress import ProgressPublisher, read_trainer_records
+    from swarm.rounds import RoundLog
+
+    victim, key, attacker, _ = nodes
+    owner = RSASignatureValidator(key).local_public_key
+    assert victim.store(records.metrics_key(RUN), trainer_record(step=4), get_dht_time() + 90, subkey=owner)
+    attacker.store(records.metrics_key(RUN), None, get_dht_time() + 120, subkey=owner)  # not its record to withdraw
+    assert read_trainer_records(victim, RUN)[owner].step == 4
+    ProgressPublisher(dht=victim, run_id=RUN, subkey=owner, device="cpu", round_log=RoundLog(),
+                      counters=WireCounters(), ttl=120).withdraw()  # as a trainer does when it leaves
+    assert owner not in read_trainer_records(victim, RUN)
+
+
 @pytest.mark.parametrize("field, value", [("loss", math.nan), ("loss", math.inf), ("step", 10**15)])
 def test_out_of_bounds_values_are_refused(nodes, field, value):
     victim, _, attacker, attacker_key = nodes

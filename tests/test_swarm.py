@@ -79,14 +79,16 @@ def swarm_run(tmp_path_factory):
             wait_for_step(procs, "trainer-0", STEPS - 1)  # 30 s of scrapes or more: enough for the [1m] rates
         dashboard = query_dashboard(prometheus) if prometheus else None
         codes = {name: procs.wait(name, 300) for name in ["trainer-0", "trainer-1", "late"]}
+        left = read_records(procs.wait_file(work / "trainer-2.addr", "trainer-2"))  # (the late joiner just left)
+        final_exposition = scrape(monitor_url)  # (while trainer-2 trains: a swarm with no trainer has no step)
         procs.stop("trainer-2", signal.SIGINT)
         codes["trainer-2"] = procs.wait("trainer-2", 60)
-        final_exposition = scrape(monitor_url)
         procs.stop("monitor")
         assert procs.wait("monitor", 90) == 0, procs.log("monitor")[-3000:]
         procs.wait_file(work / "adversary.json", "adversary", timeout=60)
         yield argparse.Namespace(work=work, procs=procs, codes=codes, records=metrics, status=status,
-                                 exposition=exposition, final_exposition=final_exposition, dashboard=dashboard)
+                                 exposition=exposition, final_exposition=final_exposition, dashboard=dashboard,
+                                 records_after_leaving=left)
     finally:
         procs.close()
 
@@ -216,11 +218,20 @@ def test_late_joiner_downloads_state_through_a_trainer(swarm_run):
     late = report(work, "late")
     assert late["start_step"] >= 2, "the late joiner should start from the swarm's step, not from 0"
     assert late["final_step"] - late["start_step"] >= LATE_STEPS
-    # in sync within one global step: its first or second round is averaged with the swarm (issue 4, item 3)
-    assert any(r["outcome"] == "averaged" and r["group_size"] >= 2 for r in late["rounds"][:2]), late["rounds"]
+    # in sync within one global step, and its next round with the swarm (issue 4, item 3): the step it joins at
+    # may end while its download lands (then it steps alone once); the round after that is averaged (partial: a
+    # reducer's stream that broke off, which hivemind reports as such, see README)
+    second = late["rounds"][1]
+    assert second["outcome"] in ("averaged", "partial") and second["group_size"] >= 2, late["rounds"]
     assert "Joined swarm 'tiny'" in procs.log("late")
     for name, tensor in load_file(work / "late-model" / "model.safetensors").items():
         assert torch.isfinite(tensor).all(), name
+
+
+def test_a_trainer_that_leaves_withdraws_its_record(swarm_run):
+    # read through trainer-2 once trainer-0, trainer-1 and the late joiner had exited, within their records'
+    # lifetime (timeouts.record_ttl): only trainer-2's own record is left
+    assert len(swarm_run.records_after_leaving) == 1, swarm_run.records_after_leaving
 
 
 def test_a_joiner_refuses_a_foreign_state_and_takes_a_good_one(swarm_run):
