@@ -232,16 +232,7 @@ def test_a_leaving_peer_calls_off_its_rounds_without_a_group():
         model = torch.nn.Linear(8, 8)
         optimizer = lonely_optimizer(dht, config, model)
         partner = partner_in(partner_dht, config, optimizer)  # still here: our rounds are not called off for that
-        averager = optimizer.state_averager
-        averager.step(averaging_round=True, delay_averaging=True, averaging_opts=dict(timeout=120.0))
-        wait_until(lambda: averager.last_round is not None)  # begun in hivemind's executor thread
-        parameter_round = averager.last_round
-        model(torch.randn(4, 8)).square().sum().backward()
-        optimizer.grad_averager.accumulate_grads_(batch_size=4)
-        gradient_round = optimizer.scheduled_grads = optimizer.grad_averager.schedule_step(timeout=120.0)
-        with optimizer.tracker.pause_updates():  # as if another peer were there: the round begins
-            optimizer.tracker.global_progress.num_peers = 2
-            assert optimizer._begin_averaging_gradients(None)
+        gradient_round, parameter_round = begin_rounds(optimizer, model)
         optimizer.leaving = threading.Event()
         latest = max(gradient_round.scheduled_time, parameter_round.scheduled_time)
         wait_until(lambda: get_dht_time() > latest + 2 * config.timeouts.matchmaking)
@@ -257,6 +248,22 @@ def test_a_leaving_peer_calls_off_its_rounds_without_a_group():
                 peer.shutdown()
         partner_dht.shutdown()
         dht.shutdown()
+
+
+def begin_rounds(optimizer, model: torch.nn.Module):
+    """A background parameter round, and a gradient round that the step waits on (begun as if our tracker saw
+    another peer); neither can find a group. Returns (gradient round, parameter round)."""
+    averager = optimizer.state_averager
+    averager.step(averaging_round=True, delay_averaging=True, averaging_opts=dict(timeout=120.0))
+    wait_until(lambda: averager.last_round is not None)  # begun in hivemind's executor thread
+    parameter_round = averager.last_round
+    model(torch.randn(4, 8)).square().sum().backward()
+    optimizer.grad_averager.accumulate_grads_(batch_size=4)
+    gradient_round = optimizer.scheduled_grads = optimizer.grad_averager.schedule_step(timeout=120.0)
+    with optimizer.tracker.pause_updates():
+        optimizer.tracker.global_progress.num_peers = 2
+        assert optimizer._begin_averaging_gradients(None)
+    return gradient_round, parameter_round
 
 
 def partner_in(dht: DHT, config, optimizer) -> ProgressTracker:
@@ -290,16 +297,7 @@ def test_a_trainer_whose_partners_left_calls_off_its_rounds():
         model = torch.nn.Linear(8, 8)
         optimizer = lonely_optimizer(dht, config, model)
         partner = partner_in(partner_dht, config, optimizer)
-        averager = optimizer.state_averager
-        averager.step(averaging_round=True, delay_averaging=True, averaging_opts=dict(timeout=120.0))
-        wait_until(lambda: averager.last_round is not None)  # begun in hivemind's executor thread
-        parameter_round = averager.last_round
-        model(torch.randn(4, 8)).square().sum().backward()
-        optimizer.grad_averager.accumulate_grads_(batch_size=4)
-        gradient_round = optimizer.scheduled_grads = optimizer.grad_averager.schedule_step(timeout=120.0)
-        with optimizer.tracker.pause_updates():  # the tracker's view before the partner left: the round begins
-            optimizer.tracker.global_progress.num_peers = 2
-            assert optimizer._begin_averaging_gradients(None)
+        gradient_round, parameter_round = begin_rounds(optimizer, model)
         latest = max(gradient_round.scheduled_time, parameter_round.scheduled_time)
         wait_until(lambda: get_dht_time() > latest + 3 * config.timeouts.matchmaking)
         assert not gradient_round.done() and not parameter_round.done()  # the partner may still come: left alone

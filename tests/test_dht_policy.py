@@ -14,7 +14,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm import net, records
+from swarm import records
 
 RUN = "tiny"
 SMALL_SUBKEY_CAP = 64  # the victim is forked with this cap, so the flood stays small
