@@ -98,10 +98,10 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         logger.info("Done: took part in global steps %d -> %d", result.start_step, result.final_step)
         return 0 if not result.stopped_early or args.max_steps is None else 130
     finally:
+        if trainer is not None:  # first: shutting the averagers down takes seconds, and our digest is no witness
+            trainer.publisher.withdraw()  # of the swarm's state once we stop training
         if optimizer is not None:
             optimizer.shutdown()
-        if trainer is not None:
-            trainer.publisher.withdraw()
         dht.shutdown()
 
 

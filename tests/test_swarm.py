@@ -80,15 +80,16 @@ def swarm_run(tmp_path_factory):
         dashboard = query_dashboard(prometheus) if prometheus else None
         codes = {name: procs.wait(name, 300) for name in ["trainer-0", "trainer-1", "late"]}
         left = read_records(procs.wait_file(work / "trainer-2.addr", "trainer-2"))  # (the late joiner just left)
-        final_exposition = scrape(monitor_url)  # (while trainer-2 trains: a swarm with no trainer has no step)
+        late_exposition = scrape(monitor_url)  # (while trainer-2 trains: a swarm with no trainer has no step)
         procs.stop("trainer-2", signal.SIGINT)
         codes["trainer-2"] = procs.wait("trainer-2", 60)
+        final_exposition = scrape(monitor_url)  # (no checkpoint after this one: no trainer is left)
         procs.stop("monitor")
         assert procs.wait("monitor", 90) == 0, procs.log("monitor")[-3000:]
         procs.wait_file(work / "adversary.json", "adversary", timeout=60)
         yield argparse.Namespace(work=work, procs=procs, codes=codes, records=metrics, status=status,
-                                 exposition=exposition, final_exposition=final_exposition, dashboard=dashboard,
-                                 records_after_leaving=left)
+                                 exposition=exposition, late_exposition=late_exposition,
+                                 final_exposition=final_exposition, dashboard=dashboard, records_after_leaving=left)
     finally:
         procs.close()
 
@@ -315,15 +316,16 @@ def test_monitor_exports_the_swarm(swarm_run):
 
 
 def test_the_monitor_shows_finite_figures_despite_the_liar(swarm_run):
-    for exposition in (swarm_run.exposition, swarm_run.final_exposition):
+    for exposition in (swarm_run.exposition, swarm_run.late_exposition, swarm_run.final_exposition):
         values = [line.rsplit(" ", 1)[1] for line in exposition.splitlines() if line and not line.startswith("#")]
         assert values and all(math.isfinite(float(v)) for v in values), exposition
+    for exposition in (swarm_run.exposition, swarm_run.late_exposition):  # (the final one: no trainer, no step)
         assert sample(exposition, "swarm_step") < 10**6
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (.ci/run installs Debian's prometheus)")
 def test_monitor_output_passes_promtool(swarm_run):
-    for text in (swarm_run.exposition, swarm_run.final_exposition):
+    for text in (swarm_run.exposition, swarm_run.late_exposition, swarm_run.final_exposition):
         result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
         assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), result
 
