@@ -332,7 +332,10 @@ def swarm():
     made = Swarm()
     yield made
     made.close()
-    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    # (not torch_shm_manager: torch starts it for this very process when the averagers share their tensors, and it
+    # must live as long as this process does; killed here, the next hivemind DHT in this pytest process aborted it)
+    started = [p for p in psutil.Process().children(recursive=True)
+               if p.pid not in before and p.name() != "torch_shm_manager"]
     _, alive = psutil.wait_procs(started, timeout=10)
     for process in alive:  # only processes this fixture started (averagers, DHTs and their p2pd)
         process.kill()
