@@ -39,7 +39,8 @@ NOT_DOWNLOADED = -1  # the averager's local_epoch until a download succeeds (eve
 class StatePuller:
     """The swarm's model and optimizer state, downloaded on demand."""
 
-    def __init__(self, dht: hivemind.DHT, config: SwarmConfig, *, eval_batch_count: int):
+    def __init__(self, dht: hivemind.DHT, config: SwarmConfig, *, eval_batch_count: int,
+                 seed_key: bytes | None = None):
         transformers.utils.logging.disable_progress_bar()  # one "Writing model shards" bar per save otherwise
         # hivemind replays the schedule up to the downloaded step without optimizer steps; torch warns about it
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
@@ -53,7 +54,7 @@ class StatePuller:
         guard.install(guard.GuardCounters(), max_weight=guard.max_weight(config.averaging.target_batch_size))
         self.averager = build_state_averager(self.model.parameters(), dht=dht, run_id=config.run_id,
                                              optim=config.optimizer, averaging=config.averaging,
-                                             timeouts=config.timeouts, share=False)
+                                             timeouts=config.timeouts, share=False, seed_key=seed_key)
         self.averager.local_epoch = NOT_DOWNLOADED
 
     def pull(self) -> Optional[int]:

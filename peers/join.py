@@ -86,7 +86,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
                          kwargs=dict(ttl=config.timeouts.config_ttl), name="config-keep-alive").start()
         net.write_addr_file(args.addr_file, net.reachable_maddrs(dht))
         trainer, optimizer, round_log, counters, num_params = build_trainer(
-            config, dht, private_key, gate=access.gate() if access else None)
+            config, dht, private_key, gate=access.gate() if access else None, seed_key=published.record.public_key)
         reinstall_stop_handlers()  # hivemind's averagers just set SIGINT to "ignore"
         trainer.publisher.config_subkey = published.subkey
         result = trainer.train(max_steps=args.max_steps, stop=stop, wait_for=args.wait_for_peers,
@@ -105,7 +105,8 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         dht.shutdown()
 
 
-def build_trainer(config: SwarmConfig, dht, private_key, gate: MemberGate | None = None):
+def build_trainer(config: SwarmConfig, dht, private_key, gate: MemberGate | None = None,
+                  seed_key: bytes | None = None):
     from swarm.model import build_model, count_parameters  # transformers: slow to import, needed only here
 
     plan = choose_device(config.peer.device)
@@ -127,7 +128,7 @@ def build_trainer(config: SwarmConfig, dht, private_key, gate: MemberGate | None
     optimizer = build_optimizer(
         model.parameters(), dht=dht, private_key=private_key, run_id=config.run_id, batch_size=batch_size,
         client_mode=config.peer.client_mode, optim=config.optimizer, averaging=config.averaging,
-        timeouts=config.timeouts, round_log=round_log, partial_watch=partial_watch, gate=gate,
+        timeouts=config.timeouts, round_log=round_log, partial_watch=partial_watch, gate=gate, seed_key=seed_key,
     )
     batches = train_batches(config.data, tokenizer, batch_size=batch_size, seed=peer_seed(dht, config.peer.seed))
     publisher = ProgressPublisher(dht=dht, run_id=config.run_id, subkey=owner_subkey(private_key),

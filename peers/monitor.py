@@ -95,7 +95,7 @@ def start_checkpointer(args: argparse.Namespace, dht, published, store, poller: 
     from monitor.checkpoints import Checkpointer, StatePuller  # torch + transformers: only when checkpointing
 
     config = adopt_shared(published.shared)
-    puller = StatePuller(dht, config, eval_batch_count=args.eval_batches)
+    puller = StatePuller(dht, config, eval_batch_count=args.eval_batches, seed_key=published.record.public_key)
     reinstall_stop_handlers()  # hivemind's averager just set SIGINT to "ignore"
     checkpointer = Checkpointer(puller, store, every=args.checkpoint_every, stop=stop,
                                 step_source=lambda: swarm_step(poller.latest()))

@@ -90,6 +90,7 @@ def serve_checkpoint(dht, config: SwarmConfig, path: Path, access: Access | None
     from swarm.checkpoint import load_optimizer, load_weights, read_state
     from swarm.model import build_model  # transformers: needed only when resuming
     from swarm.optimizer import build_state_averager
+    from swarm.state import state_digest
     from swarm.tokenizer import build_tokenizer
 
     step = read_state(path)["step"]
@@ -103,6 +104,7 @@ def serve_checkpoint(dht, config: SwarmConfig, path: Path, access: Access | None
     load_optimizer(averager.optimizer, [name for name, _ in model.named_parameters()], path)
     averager.local_epoch = step
     averager.state_sharing_priority = step  # trainers that get further outrank us as donors
+    averager.vouch = (step, state_digest(list(model.parameters())))  # joiners check our state (and others') by it
     averager.run_in_background(await_ready=True)
     reinstall_stop_handlers()  # hivemind's averager just set SIGINT to "ignore"
     logger.info("Resuming from %s: global step %d; joining trainers download its weights and optimizer state",

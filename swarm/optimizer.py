@@ -66,10 +66,11 @@ class SwarmOptimizer(hivemind.Optimizer):
     leaving: threading.Event | None = None  # set once the peer is leaving (the trainer's stop event)
 
     def __init__(self, *, round_log: RoundLog, partial_watch: PartialRoundWatch, gate: MemberGate | None = None,
-                 owner_subkey: bytes | None = None, **kwargs):
+                 owner_subkey: bytes | None = None, seed_key: bytes | None = None, **kwargs):
         self.round_log, self.partial_watch = round_log, partial_watch
         self._gate = gate  # private swarms: averagers serve members only
         self._owner_subkey = owner_subkey  # signs this peer's entry in the state-donor registry
+        self._seed_key = seed_key  # signs the swarm config: vouches for a checkpoint it serves (swarm.state)
         self._partial_seen = partial_watch.count
         self._recorded_epoch = -1
         self._joined = False
@@ -105,7 +106,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
             client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs,
         )
-        check_downloads(averager, dht=self.dht, run_id=self.run_id)
+        check_downloads(averager, dht=self.dht, run_id=self.run_id, seed_key=self._seed_key)
         return averager
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> BoundedProgressTracker:
@@ -460,6 +461,7 @@ def build_optimizer(
     round_log: RoundLog,
     partial_watch: PartialRoundWatch,
     gate: MemberGate | None = None,
+    seed_key: bytes | None = None,
 ) -> SwarmOptimizer:
     def codec(name: str):
         return build_compression(name, size_threshold=averaging.size_threshold)
@@ -476,6 +478,7 @@ def build_optimizer(
         partial_watch=partial_watch,
         gate=gate,
         owner_subkey=RSASignatureValidator(private_key).local_public_key,
+        seed_key=seed_key,
         dht=dht,
         run_id=run_id,
         target_batch_size=averaging.target_batch_size,
@@ -514,11 +517,11 @@ def build_optimizer(
 def build_state_averager(params: Iterable[torch.nn.Parameter], *, dht: hivemind.DHT, run_id: str,
                          optim: OptimizerConfig, averaging: AveragingConfig, timeouts: TimeoutsConfig,
                          share: bool, start: bool = True, gate: MemberGate | None = None,
-                         owner_subkey: bytes | None = None) -> TrainingStateAverager:
+                         owner_subkey: bytes | None = None, seed_key: bytes | None = None) -> TrainingStateAverager:
     """A stand-alone averager over the same state as the trainers' optimizers (same prefix, parameter order and
     optimizer), for peers that do not train: the monitor downloads state with it (``share=False``); a seed
     resumed from a checkpoint serves its state with it (``share=True``). ``gate``: in a private swarm, serve
-    members only."""
+    members only; ``seed_key``: the public key that signs the swarm config (swarm.state.seed_vouch)."""
     verified = verified_state_averager(TrainingStateAverager, owner_subkey=owner_subkey)
     averager = gated_averager(verified, gate)(
         dht=dht, prefix=f"{run_id}_state_averager", params=list(params), optimizer=optimizer_factory(optim),
@@ -526,7 +529,7 @@ def build_state_averager(params: Iterable[torch.nn.Parameter], *, dht: hivemind.
         state_compression=build_compression(averaging.load_state_compression, size_threshold=averaging.size_threshold),
         request_timeout=timeouts.request, next_chunk_timeout=timeouts.next_chunk, start=start,
     )
-    check_downloads(averager, dht=dht, run_id=run_id)
+    check_downloads(averager, dht=dht, run_id=run_id, seed_key=seed_key)
     return averager
 
 

@@ -78,7 +78,7 @@ class ProgressPublisher:
             return {}
         step, values = self.digest_source()
         if not all(math.isfinite(v) and abs(v) <= 1e6 for v in values):
-            return {}  # a diverged model publishes no digest; joiners then cannot cross-check it
+            return {}  # a diverged model publishes no digest, so nobody vouches for its state
         return dict(digest_step=step, digest=values)
 
 

@@ -56,6 +56,11 @@ def _amount(name: str):
     return confloat(ge=0.0, le=RECORD_LIMITS[name], strict=True)
 
 
+# a state's parameters at a few fixed coordinates (swarm.state.state_digest): joiners check a downloaded state
+# against the digests trainers (and a seed serving a checkpoint) publish
+_digest = conlist(confloat(strict=True, ge=-1e6, le=1e6), max_items=DIGEST_SIZE)
+
+
 _rejected = conint(ge=0, le=10**9, strict=True)
 
 
@@ -88,9 +93,7 @@ class TrainerRecord(BaseModel):
     rounds_failed: _count("rounds_failed")
     device: constr(strict=True, max_length=32)
     time: _amount("time")
-    # the trainer's parameters at a few fixed coordinates (swarm.state.state_digest) at global step digest_step:
-    # joiners check a downloaded state against them
-    digest: conlist(confloat(strict=True, ge=-1e6, le=1e6), max_items=DIGEST_SIZE) = []
+    digest: _digest = []  # of the trainer's parameters at global step digest_step
     digest_step: _count("step") = 0
     config: constr(strict=True, max_length=64) = ""  # subkey (signer) of the swarm config this trainer follows
     # all-reduce contributions this trainer's averagers refused since it started, one field per swarm.guard.REASONS
@@ -113,6 +116,10 @@ class DonorRecord(BaseModel):
 
     peer_id: bytes
     priority: confloat(strict=True, ge=-1.0, le=RECORD_LIMITS["step"])
+    # a seed serving a checkpoint (``swarm seed --resume``) publishes the digest of that state: signed by the key
+    # that signs the swarm config, it vouches for the checkpoint while no trainer publishes a digest yet
+    digest: _digest = []
+    digest_step: _count("step") = 0
 
 
 class DonorsSchema(BaseModel):

@@ -11,7 +11,9 @@ priority in an unsigned registry, and loads whatever arrives. Here:
 - ``StateCheck`` is that check: the right number of tensors with the shapes and dtypes of our own, all finite, Adam's
   second moments non-negative, an epoch no further ahead than the swarm's progress records support, and parameters
   that agree with the digests the other trainers publish in their signed progress records (``state_digest``: the
-  values at a few fixed coordinates, compared to the median over the trainers at the same step).
+  values at a few fixed coordinates, compared to the median over the trainers at the same step). While no trainer
+  publishes one near the state's step, only a seed serving a checkpoint can vouch: its donor entry, signed with the
+  key that signs the swarm config, carries the checkpoint's digest (``seed_vouch``). Nothing else is loaded.
 
 The digest stops corrupt, non-finite, stale and foreign states (another model, another run, a random init). It does
 not stop a donor that crafts a state matching the published coordinates and differing elsewhere.
@@ -31,6 +33,7 @@ import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import deserialize_torch_tensor
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture, ValueWithExpiration, get_dht_time
@@ -38,7 +41,7 @@ from hivemind.utils.streaming import combine_from_streaming
 from hivemind.utils.asyncio import aiter_with_timeout
 
 from swarm.access import peer_id_of
-from swarm.records import DIGEST_SIZE
+from swarm.records import DIGEST_SIZE, DonorRecord
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class _VerifiedDownload(DecentralizedAverager):
     loaded_from: bytes | None = None  # the donor of the last state that passed the check (None: none did)
     download_seconds: float = 0.0  # how long the download of the last state that passed the check took
     owner_subkey: bytes | None = None  # "[owner:<public key>]" of this peer's DHT key: signs its donor entry
+    vouch: tuple[int, list[float]] | None = None  # a seed serving a checkpoint: (its step, state_digest), published
     refused_until: dict[bytes, float] | None = None  # donor -> until when it is tried last (its state was refused)
 
     async def _declare_for_download_periodically(self):
@@ -83,7 +87,10 @@ class _VerifiedDownload(DecentralizedAverager):
             now = get_dht_time()
             value = None
             if self.allow_state_sharing:
-                value = dict(peer_id=self.peer_id.to_bytes(), priority=float(self.state_sharing_priority))
+                vouch = dict(digest_step=self.vouch[0], digest=list(self.vouch[1])) if self.vouch else {}
+                # every field spelled out: the DHT's schema check refuses a value that parsing would change
+                value = DonorRecord(peer_id=self.peer_id.to_bytes(), priority=float(self.state_sharing_priority),
+                                    **vouch).dict()
             due = value != stored or (value is not None and now >= expiration - self.declare_state_period / 2)
             if due and self.owner_subkey is not None:
                 if now < last_store + DECLARE_INTERVAL:
@@ -267,14 +274,16 @@ class StateCheck:
     """Checks a downloaded (metadata, tensors) against our own state's layout and the swarm's published digests.
 
     ``local_tensors``: our parameters (+ extras) then our optimizer's flat tensors, in the order hivemind sends them;
-    ``swarm_view``: (the highest step the trainers' records support or None, {step: trainers' digests}).
+    ``swarm_view``: (the highest step the trainers' records support or None, {step: trainers' digests});
+    ``seed_vouch``: (step, digest) of the checkpoint the swarm's seed serves, or None (see seed_vouch).
     """
 
     def __init__(self, *, num_parameters: int, local_tensors: Callable[[], list[torch.Tensor]],
                  second_moments: Callable[[], set[int]], initial_digest: list[float], scales: list[float],
-                 swarm_view: Callable[[], tuple[int | None, dict[int, list[list[float]]]]]):
+                 swarm_view: Callable[[], tuple[int | None, dict[int, list[list[float]]]]],
+                 seed_vouch: Callable[[], tuple[int, list[float]] | None] = lambda: None):
         self.num_parameters, self.local_tensors, self.second_moments = num_parameters, local_tensors, second_moments
-        self.initial_digest, self.swarm_view = initial_digest, swarm_view
+        self.initial_digest, self.swarm_view, self.seed_vouch = initial_digest, swarm_view, seed_vouch
         self.scales = torch.tensor(scales)
 
     def __call__(self, metadata: Any, tensors: Sequence[torch.Tensor]) -> str | None:
@@ -318,18 +327,23 @@ class StateCheck:
         if len(near) < 2 and published >= 2:  # (one near, if it is the donor's own, would vouch for itself)
             return Unplaced(f"it claims step {epoch}, but fewer than two of the {published} trainers' records are "
                             "near that step")
-        if not near:
-            logger.info("Could not cross-check the downloaded state: %d trainers publish a digest", published)
-            return None
+        witnesses, logged = f"what {len(near)} trainers publish near step {epoch}", f"{len(near)} trainers' digests"
+        if not near:  # no trainer can vouch (none publishes, or the one that does is elsewhere): only the seed can
+            seed = self.seed_vouch()
+            if seed is None or seed[0] != epoch:
+                who = "no trainer publishes a digest" if not published else "the one trainer publishing a digest " \
+                    "is not near that step"
+                where = "" if seed is None else f", and the checkpoint the seed serves is at step {seed[0]}"
+                return Unplaced(f"nobody vouches for step {epoch}: {who}{where}")
+            near, witnesses = [seed[1]], f"the digest of the checkpoint the seed serves at step {epoch}"
+            logged = "the seed's checkpoint digest"
         # the one trainer publishing (it may be the donor), or the median of two or more (it outvotes a liar)
         distance = self._distance(ours, torch.tensor(near).median(dim=0).values)
-        logger.info("Downloaded state at step %d vs %d trainers' digests: relative distance %.4f",
-                    epoch, len(near), distance)
+        logger.info("Downloaded state at step %d vs %s: relative distance %.4f", epoch, logged, distance)
         if not distance <= DIGEST_TOLERANCE:
-            return (f"its parameters differ from what {len(near)} trainers publish near step {epoch} "
+            return (f"its parameters differ from {witnesses} "
                     f"(relative distance {distance:.3g}, allowed {DIGEST_TOLERANCE})")
         return None
-
 
     def _distance(self, ours: torch.Tensor, reference: torch.Tensor) -> float:
         """Relative distance of two digests, each coordinate in units of its tensor's scale."""
@@ -388,9 +402,24 @@ def swarm_view(found: dict[bytes, Any], own_subkey: bytes | None = None
     return bound, digests
 
 
-def check_downloads(averager, *, dht: hivemind.DHT, run_id: str) -> None:
+def seed_vouch(dht: hivemind.DHT, prefix: str, seed_key: bytes | None) -> tuple[int, list[float]] | None:
+    """(step, digest) of the checkpoint the swarm's seed serves, from its donor entry in ``{prefix}_donors``, which
+    only ``seed_key`` (the public key that signs the swarm config) can write; None when it serves none."""
+    if seed_key is None:
+        return None
+    found = dht.get(f"{prefix}_donors", latest=True)
+    entries = found.value if found is not None and isinstance(found.value, dict) else {}
+    item = entries.get(RSASignatureValidator.PUBLIC_KEY_FORMAT.replace(b"_key_", seed_key))
+    try:
+        record = DonorRecord.parse_obj(item.value if isinstance(item, ValueWithExpiration) else None)
+    except ValueError:
+        return None
+    return (record.digest_step, list(record.digest)) if len(record.digest) == DIGEST_SIZE else None
+
+
+def check_downloads(averager, *, dht: hivemind.DHT, run_id: str, seed_key: bytes | None = None) -> None:
     """Make ``averager`` (built from verified_state_averager) check every state it downloads; call in its owner's
-    process once it is built."""
+    process once it is built. ``seed_key``: the public key that signs the swarm config (see seed_vouch)."""
     from hivemind.optim.state_averager import dump_optimizer_state
 
     def parameters() -> list[torch.Tensor]:
@@ -403,4 +432,5 @@ def check_downloads(averager, *, dht: hivemind.DHT, run_id: str) -> None:
         local_tensors=lambda: parameters() + list(dump_optimizer_state(averager.optimizer)[1]),
         second_moments=lambda: second_moment_indices(averager.optimizer),
         swarm_view=lambda: records_bounds(dht, run_id, own_subkey=averager.owner_subkey),
+        seed_vouch=lambda: seed_vouch(dht, averager.prefix, seed_key),
     )

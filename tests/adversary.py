@@ -9,7 +9,8 @@
   far-future records of its own, and signs a competing config for the same run; writes what the DHT accepted
   to ``--out`` (JSON).
 - ``--serve-foreign-state``: offers a state of the right shapes but of another model (another init seed) at the
-  swarm's current step, with the highest plausible priority, so joiners try it first.
+  swarm's current step, with the highest plausible priority, so joiners try it first. ``--claim-step N``: at step
+  N instead (a swarm resumed from a checkpoint at step N, before any trainer publishes its step).
 
 It runs until SIGTERM/SIGINT.
 """
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lie-progress", action="store_true")
     parser.add_argument("--forge", action="store_true")
     parser.add_argument("--serve-foreign-state", action="store_true")
+    parser.add_argument("--claim-step", type=int)
     args = parser.parse_args(argv)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -120,10 +122,13 @@ def main(argv=None) -> int:
         result = dict(peer_id=dht.peer_id.to_base58())
         if args.serve_foreign_state:
             averager = serve_foreign_state(dht, key, config)
-            threading.Thread(target=_keep_claiming, args=(averager, dht, run_id, stop), daemon=True).start()
+            threading.Thread(target=_keep_claiming, args=(averager, dht, run_id, stop, args.claim_step),
+                             daemon=True).start()
         if args.forge:
             result.update(forge(dht, key, published, run_id, own))
-        Path(args.out).write_text(json.dumps(result, default=repr))
+        partial = Path(args.out + ".partial")  # renamed into place: a test waiting for the file reads it whole
+        partial.write_text(json.dumps(result, default=repr))
+        partial.rename(args.out)
         stop.wait()
         return 0
     finally:
@@ -132,10 +137,10 @@ def main(argv=None) -> int:
         dht.shutdown()
 
 
-def _keep_claiming(averager, dht, run_id: str, stop: threading.Event) -> None:
-    """Claim the step the trainers are at, and outrank them as a donor."""
+def _keep_claiming(averager, dht, run_id: str, stop: threading.Event, step: int | None = None) -> None:
+    """Claim the step the trainers are at (or ``step``), and outrank them as a donor."""
     while not stop.is_set():
-        steps = [r.step for r in read_trainer_records(dht, run_id).values()]
+        steps = [step] if step is not None else [r.step for r in read_trainer_records(dht, run_id).values()]
         if steps:
             averager.local_epoch = max(steps)
             averager.state_sharing_priority = max(steps) + 2.5  # (records lag a step behind the trainers)

@@ -26,12 +26,12 @@ def make_state(seed: int = 0):
     return params, optimizer, list(dump_optimizer_state(optimizer)[1])
 
 
-def checker(params, optimizer, opt_tensors, *, bound=None, digests=None, initial=None):
+def checker(params, optimizer, opt_tensors, *, bound=None, digests=None, initial=None, seed=None):
     return StateCheck(num_parameters=len(params), local_tensors=lambda: params + opt_tensors,
                       second_moments=lambda: second_moment_indices(optimizer),
                       initial_digest=initial if initial is not None else state_digest(params),
                       scales=digest_scales(params),
-                      swarm_view=lambda: (bound, digests or {}))
+                      swarm_view=lambda: (bound, digests or {}), seed_vouch=lambda: seed)
 
 
 def test_an_honest_state_passes():
@@ -122,6 +122,31 @@ def test_a_donor_cannot_vouch_for_its_own_state():
     digests = {74: [state_digest(params)], 2: [state_digest(foreign)]}
     problem = checker(params, optimizer, opt, digests=digests)({"epoch": 2}, foreign + opt)
     assert isinstance(problem, Unplaced) and "fewer than two" in problem, problem
+
+
+@pytest.mark.parametrize("digests", [{}, {50: "params"}], ids=["no trainer publishes", "the one trainer is far"])
+def test_a_state_nobody_vouches_for_is_refused(digests):
+    """Past step 0, with no trainer's digest near the step and no checkpoint of the seed's at it, nothing is
+    loaded (a monitor once checkpointed a malicious donor's foreign state this way, after the trainers had left)."""
+    params, optimizer, opt = make_state()
+    digests = {step: [state_digest(params)] for step in digests}
+    for seed in (None, (7, state_digest(params))):
+        problem = checker(params, optimizer, opt, digests=digests, seed=seed)({"epoch": 5}, params + opt)
+        assert isinstance(problem, Unplaced) and "nobody vouches for step 5" in problem, problem
+
+
+def test_the_seeds_checkpoint_digest_vouches_while_no_trainer_publishes():
+    params, optimizer, opt = make_state(seed=0)
+    foreign, _, _ = make_state(seed=1)
+    check = checker(params, optimizer, opt, seed=(5, state_digest(params)))
+    assert check({"epoch": 5}, params + opt) is None
+    problem = check({"epoch": 5}, foreign + opt)
+    assert "differ from the digest of the checkpoint the seed serves at step 5" in problem, problem
+    assert not isinstance(problem, Unplaced)
+    # trainers publishing near the step are the witnesses then, not the seed
+    trainers = {6: [state_digest(foreign)]}
+    assert checker(params, optimizer, opt, digests=trainers, seed=(5, state_digest(params)))(
+        {"epoch": 5}, foreign + opt) is None
 
 
 def test_at_step_zero_only_the_configs_initial_model_passes():

@@ -384,15 +384,26 @@ def test_seed_resumes_a_swarm_from_a_checkpoint(swarm_run, tmp_path):
     try:
         procs.start("seed", "seed", "--resume", str(work / "checkpoints"), "--addr-file", str(tmp_path / "seed.addr"))
         addrs = procs.wait_file(tmp_path / "seed.addr", "seed")
+        # before any trainer publishes a digest, a donor offering another model at the checkpoint's step, ranked
+        # above the seed: only the seed's signed digest of its checkpoint can tell the joiners which state is right
+        procs.start_program("adversary", [sys.executable, str(ROOT / "tests" / "adversary.py"), *addrs, "--out",
+                                          str(tmp_path / "adversary.json"), "--serve-foreign-state",
+                                          "--claim-step", str(step)])
+        adversary = json.loads(procs.wait_file(tmp_path / "adversary.json", "adversary", timeout=120)[0])["peer_id"]
         for i in range(2):
             procs.start(f"trainer-{i}", "join", *addrs, "--max-steps", "1", "--wait-for-peers", "2",
                         "--report-json", str(tmp_path / f"trainer-{i}.json"))
         codes = {name: procs.wait(name, 240) for name in ["trainer-0", "trainer-1"]}
         assert codes == {"trainer-0": 0, "trainer-1": 0}, {name: procs.log(name)[-2000:] for name in codes}
         assert f"Resuming from {work / 'checkpoints'}" in procs.log("seed")
+        refusals = [re.findall(rf"Refusing the state served by peer {adversary}: its parameters differ from (the "
+                               "digest of the checkpoint the seed serves|what 1 trainers publish)", procs.log(name))
+                    for name in ["trainer-0", "trainer-1"]]
     finally:
         procs.close()
     assert not procs.leftovers(), [p.cmdline() for p in procs.leftovers()]
+    # each refused it (the first to download by the seed's digest; the other maybe by the first one's)
+    assert all(refusals) and "the digest of the checkpoint the seed serves" in sum(refusals, []), refusals
     resumed = [report(tmp_path, f"trainer-{i}") for i in range(2)]
     for trainer in resumed:
         assert trainer["start_step"] == step and trainer["final_step"] == step + 1, trainer
