@@ -372,10 +372,13 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         self._grads_in_averager = False  # (hivemind's own fallback in there must read the accumulators)
+        control, peers = self.scheduled_grads, self.tracker.global_progress.num_peers
         began = super()._begin_averaging_gradients(grad_scaler)
         self._grads_in_averager = began  # (GradientAverager.step moved them there and zeroed the accumulators)
-        if not began:
-            self._record("skipped", 1, "no other peers were ready for this step")
+        if not began:  # hivemind starts no new round when the one it scheduled for this step is already over
+            over = control is not None and (control.triggered or control.done())
+            self._record("skipped", 1, "the round scheduled for this step had already ended" if over else
+                         f"no other peers were ready for this step ({peers} visible, this one included)")
         return began
 
     def _load_local_gradients_into_optimizer(self) -> None:
