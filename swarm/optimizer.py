@@ -375,10 +375,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         control, peers = self.scheduled_grads, self.tracker.global_progress.num_peers
         began = super()._begin_averaging_gradients(grad_scaler)
         self._grads_in_averager = began  # (GradientAverager.step moved them there and zeroed the accumulators)
-        if not began:  # hivemind starts no new round when the one it scheduled for this step is already over
-            over = control is not None and (control.triggered or control.done())
-            self._record("skipped", 1, "the round scheduled for this step had already ended" if over else
-                         f"no other peers were ready for this step ({peers} visible, this one included)")
+        if not began:
+            self._record("skipped", 1, _why_no_round(control, peers))
         return began
 
     def _load_local_gradients_into_optimizer(self) -> None:
@@ -407,6 +405,17 @@ class SwarmOptimizer(hivemind.Optimizer):
         except BaseException as error:
             self._record("failed", 1, f"{type(error).__name__}: {error}"[:200])
         self._load_local_gradients_into_optimizer()
+
+
+def _why_no_round(control: StepControl | None, peers: int) -> str:
+    """Why hivemind began no gradient round at a step, given the round scheduled for it (if any)."""
+    if control is not None and control.cancelled():
+        return "its round for this step had been called off"
+    if control is not None and control.done():
+        return "the round scheduled for this step had already ended"
+    if control is not None and control.triggered:
+        return "the round scheduled for this step was already in use"
+    return f"no other peers were ready for this step ({peers} visible, this one included)"
 
 
 def _looking_for_group(control: StepControl) -> bool:
