@@ -408,7 +408,10 @@ class SwarmOptimizer(hivemind.Optimizer):
 
 
 def _why_no_round(control: StepControl | None, peers: int) -> str:
-    """Why hivemind began no gradient round at a step, given the round scheduled for it (if any)."""
+    """Why hivemind began no gradient round at a step, given the round scheduled for it (if any) and the peers its
+    tracker counted, this one included (with one, hivemind calls the scheduled round off itself)."""
+    if peers <= 1:
+        return f"no other peers were ready for this step ({peers} visible, this one included)"
     if control is not None and control.cancelled():
         return "its round for this step had been called off"
     if control is not None and control.done():

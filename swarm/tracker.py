@@ -42,7 +42,7 @@ import logging
 import statistics
 
 from hivemind.optim.progress_tracker import GlobalTrainingProgress, LocalTrainingProgress, ProgressTracker
-from hivemind.utils import get_dht_time
+from hivemind.utils import ValueWithExpiration, get_dht_time
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class BoundedProgressTracker(ProgressTracker):
                 if self.shutdown_triggered.is_set():
                     break
                 progress, last_report = self.local_progress, get_dht_time()
-                if self.performance_ema.num_updates == 0 and progress.epoch < self.global_epoch - 1:
+                if not self._publishes(progress):
                     continue  # a newcomer that has not caught up yet
                 store = asyncio.create_task(asyncio.wait_for(self.dht.store(
                     key=self.training_progress_key, subkey=self._local_public_key, value=progress.dict(),
@@ -100,9 +100,12 @@ class BoundedProgressTracker(ProgressTracker):
             self._epoch_of_begin, self._epoch_began = local_epoch, get_dht_time()
         super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
 
+    def _publishes(self, progress: LocalTrainingProgress) -> bool:
+        return self.performance_ema.num_updates > 0 or progress.epoch >= self.global_epoch - 1
+
     def _parse_swarm_progress_data(self, metadata) -> GlobalTrainingProgress:
         if isinstance(metadata, dict) and metadata and hasattr(self, "local_progress"):
-            metadata = self._bounded(metadata)
+            metadata = self._with_own(self._bounded(metadata))
         else:
             self._behind, self.other_epochs = None, []  # nobody else in view
         return super()._parse_swarm_progress_data(metadata)
@@ -150,6 +153,21 @@ class BoundedProgressTracker(ProgressTracker):
                 item = type(item)(peer.copy(update=changes).dict(), item.expiration_time)
             bounded[subkey] = item
         return bounded
+
+    def _with_own(self, bounded: dict) -> dict:
+        """The records read, with ours added from memory where the read lacks it, as long as we publish one.
+        hivemind counts the records as the swarm's peers, us included, and steps alone, its round called off, when
+        it counts one. A trainer resumed after a 30 s SIGSTOP (its record had expired meanwhile, its new one not yet
+        stored) read only its partner's record: it took the partner for itself, stepped twice in a second on the
+        partner's samples without averaging, and from then on its rounds paired with the partner's for the step
+        before, until the partner downloaded its state five steps later. (Not in the first read, made while hivemind
+        builds the tracker: a newcomer is not in the swarm yet.)"""
+        own = self.dht.peer_id.to_bytes()
+        if not bounded or not hasattr(self, "global_progress") or not self._publishes(self.local_progress) or any(
+                LocalTrainingProgress.parse_obj(item.value).peer_id == own for item in bounded.values()):
+            return bounded
+        return {**bounded, self._local_public_key: ValueWithExpiration(
+            self.local_progress.dict(), get_dht_time() + self.metadata_expiration)}
 
     def _max_rate(self, claimed: list[float]) -> float:
         """The throughput we believe of any one peer: RATE_FACTOR times the median of the measured rates (ours and

@@ -269,6 +269,37 @@ def test_honest_rates_are_believed_before_anyone_has_measured_its_own():
     assert kept[b"peer-0"].value["samples_per_second"] == 5.8
 
 
+def test_our_own_record_counts_when_a_read_lacks_it():
+    """hivemind takes the number of records read for the number of peers, us included; a trainer whose own record
+    had expired while it was stopped read only its partner's, took itself to be alone and stepped on the partner's
+    samples without averaging."""
+    import logging
+    import types
+
+    from hivemind.optim.progress_tracker import GlobalTrainingProgress
+
+    t = tracker(own_epoch=4)
+    t._local_public_key, t.metadata_expiration, t.prefix, t.status_loglevel = b"my-key", 30.0, "run", logging.DEBUG
+    t.expected_drift_peers, t.expected_drift_rate, t.min_refresh_period = 3, 0.2, 0.5
+    t.performance_ema = types.SimpleNamespace(samples_per_second=10.0, eps=1e-9, num_updates=5)
+    t.global_progress = GlobalTrainingProgress(epoch=4, samples_accumulated=0, target_batch_size=96, num_peers=2,
+                                               num_clients=0, eta_next_epoch=math.inf, next_fetch_time=0.0)
+    partner_only = records((4, 40, 10.0))
+    progress = t._parse_swarm_progress_data(partner_only)
+    assert progress.num_peers == 2 and progress.epoch == 4, progress  # the partner and us
+    assert progress.samples_accumulated == 40, progress  # (ours: none yet)
+
+    ours = records((4, 40, 10.0), (4, 8, 10.0))
+    ours[b"my-key"] = ours.pop(b"peer-1")
+    ours[b"my-key"].value["peer_id"] = b"me"
+    assert t._parse_swarm_progress_data(ours).num_peers == 2  # already there: not counted twice
+
+    t.performance_ema.num_updates = 0  # a newcomer far behind publishes no record: it does not count itself either
+    t.global_progress = GlobalTrainingProgress(epoch=9, samples_accumulated=0, target_batch_size=96, num_peers=2,
+                                               num_clients=0, eta_next_epoch=math.inf, next_fetch_time=0.0)
+    assert t._parse_swarm_progress_data(records((9, 40, 10.0), (9, 8, 10.0))).num_peers == 2
+
+
 def _claim(epoch: int, peer: bytes = b"a"):
     from hivemind.optim.progress_tracker import LocalTrainingProgress
 
