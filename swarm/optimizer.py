@@ -186,18 +186,21 @@ class SwarmOptimizer(hivemind.Optimizer):
         one, or one matchmaking time) and a matchmaking could be done, wait until it has ended (an averaging
         timeout at most). The state would otherwise arrive too late to join the step's round, or one step old:
         seen as a newcomer that downloaded step 7 a second after the swarm stepped to 8, downloaded again, and
-        fell into the swarm's next round one step behind. Only when at least two other trainers are at that step:
+        fell into the swarm's next round one step behind. Only while at least two other trainers are at that step:
         with fewer, the step's round may need us (a peer waiting here once left a lone partner failing its rounds
-        until the wait ran out)."""
+        until the wait ran out; another waited 20 s for a step that two of the three trainers had just left)."""
         tracker = self.tracker
         lead = self.matchmaking_time + (self.state_averager.download_seconds or self.matchmaking_time)
         epoch, due = tracker.global_epoch, tracker.global_progress.eta_next_epoch - get_dht_time()
-        at_step = sum(claim >= epoch for claim in tracker.other_epochs)
-        if not -self.averaging_timeout < due <= lead or at_step < QUORUM_AHEAD:
+
+        def quorum_at_step() -> bool:
+            return sum(claim >= epoch for claim in tracker.other_epochs) >= QUORUM_AHEAD
+
+        if not -self.averaging_timeout < due <= lead or not quorum_at_step():
             return  # (an end long overdue: a swarm that is stalled, or an estimate that is off)
         logger.debug("The swarm's step %d ends in %.1f s: downloading its state after that", epoch, due)
         deadline = time.monotonic() + max(due, 0.0) + self.averaging_timeout
-        while tracker.global_epoch <= epoch and time.monotonic() < deadline:
+        while tracker.global_epoch <= epoch and time.monotonic() < deadline and quorum_at_step():
             time.sleep(0.1)
 
     def _look_for_the_current_round(self) -> None:

@@ -189,6 +189,46 @@ def test_a_trainer_the_swarm_left_behind_calls_its_round_off_and_downloads():
             each.shutdown()
 
 
+def test_a_download_waits_for_the_step_to_end_only_while_others_are_at_it():
+    """Before downloading, a trainer waits for the swarm's step to end if it ends soon and two others are at it; if
+    they leave meanwhile, it stops waiting (seen: a late joiner waited 20 s, the averaging timeout, for a step that
+    two of the three trainers had just left; the one left needed that long to fill the global batch alone)."""
+    config = load_config(TINY)
+    timeouts = config.timeouts.model_copy(update=dict(matchmaking=1.0, averaging=3600.0))  # (outlasts the test)
+    config = config.model_copy(update=dict(timeouts=timeouts))
+    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dhts = [DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dht.get_visible_maddrs())
+            for _ in range(2)]
+    optimizer, others = None, []
+    try:
+        optimizer = lonely_optimizer(dht, config)
+        half = config.averaging.target_batch_size // 2
+        for other_dht in dhts:  # two trainers at step 0 that have the global batch together: the step ends now
+            others.append(ProgressTracker(other_dht, prefix="lonely", min_refresh_period=0.2,
+                                          default_refresh_period=0.2, private_key=RSAPrivateKey(), start=True,
+                                          target_batch_size=config.averaging.target_batch_size))
+            others[-1].report_local_progress(local_epoch=0, samples_accumulated=half)
+        tracker = optimizer.tracker
+        wait_until(lambda: len(tracker.other_epochs) == 2 and tracker.global_progress.samples_accumulated >= 2 * half)
+        assert tracker.other_epochs == [0, 0], tracker.other_epochs
+
+        waiting = threading.Thread(target=optimizer._wait_for_the_step_boundary, daemon=True)
+        waiting.start()
+        waiting.join(3 * config.timeouts.matchmaking)
+        assert waiting.is_alive(), "did not wait for the step the two others are finishing"
+        for other in others:
+            other.shutdown()  # (withdraws its record)
+        waiting.join(30)
+        assert not waiting.is_alive(), f"still waiting after the others left: {tracker.other_epochs}"
+        assert tracker.global_epoch == 0  # it stopped because they left, not because the step ended
+    finally:
+        for peer in [optimizer, *others]:
+            if peer is not None:
+                peer.shutdown()
+        for each in [*dhts, dht]:
+            each.shutdown()
+
+
 def test_a_step_after_a_called_off_round_uses_our_own_gradients():
     """hivemind's fallback after a round that began and then failed reloaded the (already zeroed) accumulators:
     the step went with zero gradients while the log said "local gradients"."""
