@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -29,15 +30,19 @@ logger = logging.getLogger("swarm.demo")
 
 
 class Peers:
-    """Child processes of the demo; every one is stopped (TERM, then KILL) when the demo ends."""
+    """Child processes of the demo; every one is stopped (TERM, then KILL) when the demo ends. ``computing``: how
+    many of them compute at once (the trainers and the monitor): each gets its share of the cores as torch threads,
+    unless OMP_NUM_THREADS says otherwise (with a thread per core each, their threads spin against each other)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, computing: int = 1):
         self.workdir, self.procs = workdir, {}
+        self.env = dict(os.environ)
+        self.env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, computing))))
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "w")
         proc = subprocess.Popen([sys.executable, "-m", "peers.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent.parent)
+                                stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent.parent, env=self.env)
         log.close()
         self.procs[name] = proc
         return proc
@@ -92,7 +97,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"Demo swarm {config.run_id!r}: 1 seed + {args.peers} trainers, {args.steps} global steps; "
           f"logs in {workdir}", flush=True)
-    peers = Peers(workdir)
+    peers = Peers(workdir, computing=args.peers + 1)
     try:
         sets = [item for pair in args.set for item in ("--set", pair)]
         seed = peers.start("seed", ["seed", "--config", args.config, "--addr-file", str(workdir / "seed.addr"),

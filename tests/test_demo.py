@@ -67,3 +67,14 @@ def training(workdir) -> bool:
     """Both demo trainers have begun training."""
     logs = sorted(workdir.glob("trainer-*.log"))
     return len(logs) == 2 and all("Starting at global step" in log.read_text(errors="replace") for log in logs)
+
+
+def test_demo_peers_share_the_cores(tmp_path, monkeypatch):
+    from peers.demo import Peers
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert Peers(tmp_path, computing=3).env["OMP_NUM_THREADS"] == "2"  # a trainer's torch threads: 8 cores / 3
+    assert Peers(tmp_path, computing=12).env["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's choice stands
+    assert Peers(tmp_path, computing=3).env["OMP_NUM_THREADS"] == "5"
