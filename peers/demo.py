@@ -32,7 +32,7 @@ logger = logging.getLogger("swarm.demo")
 class Peers:
     """Child processes of the demo; every one is stopped (TERM, then KILL) when the demo ends. ``computing``: how
     many of them compute at once (the trainers and the monitor): each gets its share of the cores as torch threads,
-    unless OMP_NUM_THREADS says otherwise (with a thread per core each, their threads spin against each other)."""
+    unless OMP_NUM_THREADS says otherwise (with a thread per core each, they contend for the cores)."""
 
     def __init__(self, workdir: Path, computing: int = 1):
         self.workdir, self.procs = workdir, {}

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 # Every test runs several peers on a 2-core machine: one compute thread each. With torch's default (a thread per
-# core) the peers' OpenMP threads spin against each other: test_swarm.py took 157 s and 241 s of CPU, 135 s and 197 s
+# core) the peers' threads contend for the 2 cores: test_swarm.py took 157 s and 241 s of CPU, 135 s and 197 s
 # with one thread. Set before torch is imported here, and inherited by every process a test starts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
