@@ -285,7 +285,7 @@ def resummarize(args: argparse.Namespace) -> int:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ("variant", "steps", "train s", f"t(loss<=)", "train loss", "eval loss", "util", "util min", "averaged", "tx MB")
+    head = ("variant", "steps", "train s", "t(loss<=)", "train loss", "eval loss", "util", "util min", "averaged", "tx MB")
     print(" ".join(f"{h:>12}" for h in head))
     for r in rows:
         cells = (r["variant"], r["steps_reached"], r["train_s"], r["time_to_target_s"], r["final_train_loss"],

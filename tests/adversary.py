@@ -27,7 +27,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import yaml  # noqa: E402
 from hivemind.dht.crypto import RSASignatureValidator  # noqa: E402
 from hivemind.optim.progress_tracker import LocalTrainingProgress  # noqa: E402
 from hivemind.utils import get_dht_time  # noqa: E402

@@ -32,6 +32,22 @@ def lonely_optimizer(dht: DHT, config, model: torch.nn.Module | None = None):
         round_log=RoundLog(), partial_watch=PartialRoundWatch())
 
 
+def other_dhts(dht: DHT, count: int = 2) -> list[DHT]:
+    return [DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dht.get_visible_maddrs())
+            for _ in range(count)]
+
+
+def trackers_at_step_0(dhts: list[DHT], config, samples: int) -> list[ProgressTracker]:
+    """Other trainers' progress trackers (no averagers: no group can form), at step 0 with ``samples`` each."""
+    trackers = []
+    for dht in dhts:
+        trackers.append(ProgressTracker(dht, prefix="lonely", min_refresh_period=0.2, default_refresh_period=0.2,
+                                        private_key=RSAPrivateKey(), start=True,
+                                        target_batch_size=config.averaging.target_batch_size))
+        trackers[-1].report_local_progress(local_epoch=0, samples_accumulated=samples)
+    return trackers
+
+
 def wait_until(condition, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
@@ -150,16 +166,11 @@ def test_a_trainer_the_swarm_left_behind_calls_its_round_off_and_downloads():
     config = load_config(TINY)
     config = config.model_copy(update=dict(timeouts=config.timeouts.model_copy(update=dict(matchmaking=1.0))))
     dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    dhts = [DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dht.get_visible_maddrs())
-            for _ in range(2)]
+    dhts = other_dhts(dht)
     optimizer, others = None, []
     try:
         optimizer = lonely_optimizer(dht, config)
-        for other_dht in dhts:
-            others.append(ProgressTracker(other_dht, prefix="lonely", min_refresh_period=0.2,
-                                          default_refresh_period=0.2, private_key=RSAPrivateKey(), start=True,
-                                          target_batch_size=config.averaging.target_batch_size))
-            others[-1].report_local_progress(local_epoch=0, samples_accumulated=8)
+        others = trackers_at_step_0(dhts, config, samples=8)
 
         def finish_step(tracker):
             with tracker.pause_updates():
@@ -197,17 +208,12 @@ def test_a_download_waits_for_the_step_to_end_only_while_others_are_at_it():
     timeouts = config.timeouts.model_copy(update=dict(matchmaking=1.0, averaging=3600.0))  # (outlasts the test)
     config = config.model_copy(update=dict(timeouts=timeouts))
     dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    dhts = [DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dht.get_visible_maddrs())
-            for _ in range(2)]
+    dhts = other_dhts(dht)
     optimizer, others = None, []
     try:
         optimizer = lonely_optimizer(dht, config)
-        half = config.averaging.target_batch_size // 2
-        for other_dht in dhts:  # two trainers at step 0 that have the global batch together: the step ends now
-            others.append(ProgressTracker(other_dht, prefix="lonely", min_refresh_period=0.2,
-                                          default_refresh_period=0.2, private_key=RSAPrivateKey(), start=True,
-                                          target_batch_size=config.averaging.target_batch_size))
-            others[-1].report_local_progress(local_epoch=0, samples_accumulated=half)
+        half = config.averaging.target_batch_size // 2  # two trainers that have the global batch together
+        others = trackers_at_step_0(dhts, config, samples=half)
         tracker = optimizer.tracker
         wait_until(lambda: len(tracker.other_epochs) == 2 and tracker.global_progress.samples_accumulated >= 2 * half)
         assert tracker.other_epochs == [0, 0], tracker.other_epochs

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 if __name__ != "__main__":
-    from conftest import ROOT, TINY, PeerProcesses, metric, swarm_cli
+    from conftest import TINY, PeerProcesses, metric, swarm_cli
 
 TRAINER_TIMEOUT = 300  # generous: the machine is shared; outcomes are asserted, never durations
 PROBE_MODES = ("member", "none", "expired", "stranger")
