@@ -48,6 +48,13 @@ def trackers_at_step_0(dhts: list[DHT], config, samples: int) -> list[ProgressTr
     return trackers
 
 
+def shut_down(*parts) -> None:
+    """Trainers' parts first, then their DHTs (None: never started)."""
+    for part in parts:
+        if part is not None:
+            part.shutdown()
+
+
 def wait_until(condition, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
@@ -193,11 +200,7 @@ def test_a_trainer_the_swarm_left_behind_calls_its_round_off_and_downloads():
         assert optimizer._left_behind() and optimizer.local_epoch == 0
         assert optimizer._should_load_state_from_peers()
     finally:
-        for peer in [optimizer, *others]:
-            if peer is not None:
-                peer.shutdown()
-        for each in [*dhts, dht]:
-            each.shutdown()
+        shut_down(optimizer, *others, *dhts, dht)
 
 
 def test_a_download_waits_for_the_step_to_end_only_while_others_are_at_it():
@@ -228,11 +231,7 @@ def test_a_download_waits_for_the_step_to_end_only_while_others_are_at_it():
         assert not waiting.is_alive(), f"still waiting after the others left: {tracker.other_epochs}"
         assert tracker.global_epoch == 0  # it stopped because they left, not because the step ended
     finally:
-        for peer in [optimizer, *others]:
-            if peer is not None:
-                peer.shutdown()
-        for each in [*dhts, dht]:
-            each.shutdown()
+        shut_down(optimizer, *others, *dhts, dht)
 
 
 def test_a_step_after_a_called_off_round_uses_our_own_gradients():
