@@ -118,14 +118,23 @@ def test_the_others_keep_training_and_averaging(killed_swarm):
     result = report(work, "trainer-0")
     assert result["final_step"] - result["start_step"] >= STEPS
     # the round in flight when two of four peers vanished may fail or go partial, and trainer-0 steps alone while
-    # trainer-1 is paused; once trainer-1 is back in sync, the two survivors average together again
-    # (a round may come back partial on a loaded machine: hivemind then used some of the peer's parts)
+    # trainer-1 is paused; once trainer-1 is back in sync, the two survivors average together again, at the same
+    # steps: neither skips a step (fell behind, ran ahead, alone) and each round of one has the other's at its step.
+    # A round may come back partial on a loaded machine (hivemind then used some of the peer's parts), and one may
+    # fail on both sides (seen once: trainer-1's reducer waited for trainer-0's part while trainer-0 was still
+    # looking for a group, hivemind's matchmaking on a loaded machine); not two.
     *_, (_, swarm_step_at_resume) = killed_swarm
     rounds = [r for r in result["rounds"] if r["step"] > swarm_step_at_resume + SYNC_STEPS]
     assert len(rounds) >= 3, result["rounds"]
-    assert all(r["outcome"] in ("averaged", "partial") and r["group_size"] >= 2 for r in rounds), result["rounds"]
-    assert sum(r["outcome"] == "averaged" for r in rounds) >= 2, result["rounds"]
-    assert report(work, "trainer-1")["final_step"] >= result["final_step"]
+    outcomes = [r["outcome"] for r in rounds]
+    assert "skipped" not in outcomes and outcomes.count("failed") <= 1, result["rounds"]
+    assert outcomes.count("averaged") >= 2, result["rounds"]
+    assert all(r["group_size"] >= 2 for r in rounds if r["outcome"] != "failed"), result["rounds"]
+    partner = report(work, "trainer-1")
+    partner_outcome = {r["step"]: r["outcome"] for r in partner["rounds"]}
+    assert all(partner_outcome.get(r["step"]) in ("averaged", "partial", "failed") for r in rounds), \
+        (result["rounds"], partner["rounds"])
+    assert partner["final_step"] >= result["final_step"]
 
 
 def test_ctrl_c_stops_a_trainer_and_a_checkpointing_monitor(killed_swarm):
