@@ -101,6 +101,8 @@ class BoundedProgressTracker(ProgressTracker):
         super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
 
     def _publishes(self, progress: LocalTrainingProgress) -> bool:
+        """Whether our record goes out: once we have trained, or while within a step of the swarm's (a newcomer far
+        behind stays out of the others' view until it has caught up)."""
         return self.performance_ema.num_updates > 0 or progress.epoch >= self.global_epoch - 1
 
     def _parse_swarm_progress_data(self, metadata) -> GlobalTrainingProgress:
