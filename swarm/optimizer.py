@@ -413,14 +413,13 @@ class SwarmOptimizer(hivemind.Optimizer):
 def _why_no_round(control: StepControl | None, peers: int) -> str:
     """Why hivemind began no gradient round at a step, given the round scheduled for it (if any) and the peers its
     tracker counted, this one included (with one, hivemind calls the scheduled round off itself)."""
-    if peers <= 1:
-        return f"no other peers were ready for this step ({peers} visible, this one included)"
-    if control is not None and control.cancelled():
-        return "its round for this step had been called off"
-    if control is not None and control.done():
-        return "the round scheduled for this step had already ended"
-    if control is not None and control.triggered:
-        return "the round scheduled for this step was already in use"
+    if peers > 1 and control is not None:
+        if control.cancelled():
+            return "its round for this step had been called off"
+        if control.done():
+            return "the round scheduled for this step had already ended"
+        if control.triggered:
+            return "the round scheduled for this step was already in use"
     return f"no other peers were ready for this step ({peers} visible, this one included)"
 
 

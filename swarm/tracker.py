@@ -166,7 +166,7 @@ class BoundedProgressTracker(ProgressTracker):
         builds the tracker: a newcomer is not in the swarm yet.)"""
         own = self.dht.peer_id.to_bytes()
         if not bounded or not hasattr(self, "global_progress") or not self._publishes(self.local_progress) or any(
-                LocalTrainingProgress.parse_obj(item.value).peer_id == own for item in bounded.values()):
+                item.value["peer_id"] == own for item in bounded.values()):  # (each one parsed in _bounded)
             return bounded
         return {**bounded, self._local_public_key: ValueWithExpiration(
             self.local_progress.dict(), get_dht_time() + self.metadata_expiration)}
