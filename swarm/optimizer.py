@@ -140,13 +140,15 @@ class SwarmOptimizer(hivemind.Optimizer):
         return majority
 
     def _left_behind(self) -> bool:
-        """Whether the swarm finished our step without us: at least two other trainers, and half of them, have been
-        past our step for a matchmaking time, and we have no gradient round in a group. hivemind lets a peer one
-        step behind go on (the others may have just stepped) and checks exact sync only right after a step of our
-        own: a trainer whose link came back, or a newcomer whose download arrived after the swarm's round, went on
-        one step behind, and its next round for the old step fell into the swarm's round for the next one (rounds
-        carry no step). Seen as a healed trainer back in sync three steps late. A round already in a group is for
-        the step the others are finishing: we are in it, not behind."""
+        """Whether the swarm finished our step without us: at least two other trainers, and half of them (or the only
+        other trainer), have been past our step for a matchmaking time, and we have no gradient round in a group.
+        hivemind lets a peer one step behind go on (the others may have just stepped) and checks exact sync only
+        right after a step of our own: a trainer whose link came back, or a newcomer whose download arrived after
+        the swarm's round, went on one step behind, and its next round for the old step fell into the swarm's round
+        for the next one (rounds carry no step). Seen as a healed trainer back in sync three steps late, and as a
+        pair of trainers one step apart for three rounds after one was resumed from SIGSTOP (that check happened to
+        read while they were level). A round already in a group is for the step the others are finishing: we are in
+        it, not behind."""
         since = self.tracker.behind_since(self.local_epoch)
         if since is None or get_dht_time() - since < self.matchmaking_time or \
                 time.monotonic() < self._fallback_retry_at:
@@ -270,13 +272,23 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def call_off_stale_gradient_round(self) -> bool:
         """Cancel our gradient round for the current step while it is still looking for a group and the swarm has
-        finished that step (at least two other trainers, and half of them, are past it; see ``behind_since``).
-        Rounds carry no step: it could only fall into the swarm's round for the next step, averaging gradients
-        taken at other parameters, and leave this peer one step behind, round after round (seen as a newcomer
-        whose download came a second too late for the swarm's round). The peer then steps with its own gradients
-        and downloads the swarm's state (``_left_behind``). Returns whether it was called off."""
+        finished that step (at least two other trainers, and half of them, or the only other trainer, are past it;
+        see ``behind_since``). Rounds carry no step: it could only fall into the swarm's round for the next step,
+        averaging gradients taken at other parameters, and leave this peer one step behind, round after round (seen
+        as a newcomer whose download came a second too late for the swarm's round). The peer then steps with its
+        own gradients (and downloads the swarm's state if it is still behind: ``_left_behind``).
+
+        Once our step has begun (the round is triggered), hivemind pauses the tracker's refreshes until the step
+        ends, so the check reads the progress records from the DHT itself: a trainer resumed from SIGSTOP began its
+        step while its partner was level, the partner stepped alone a moment later, and the two rounds paired one
+        step apart twice before a download put them level. Returns whether it was called off."""
         control, epoch = self.scheduled_grads, self.local_epoch
-        if control is None or not _looking_for_group(control) or self.tracker.behind_since(epoch) is None:
+        if control is None or not _looking_for_group(control):
+            return False
+        if self.tracker.behind_since(epoch) is None and not (
+                control.triggered and self.tracker.past_our_step(self._other_progress()[0])):
+            return False
+        if not _looking_for_group(control):
             return False
         logger.info("Calling off the gradient averaging round for step %d, still without a group: the swarm has "
                     "finished that step", epoch)
@@ -454,14 +466,13 @@ def _watch_for_stale_rounds(optimizer_ref: weakref.ref, stop: threading.Event) -
         optimizer = optimizer_ref()
         if optimizer is None:
             return
-        try:
-            optimizer.call_off_rounds_when_leaving()
-            optimizer.call_off_stale_gradient_round()
-            optimizer.call_off_rounds_alone()
-            optimizer.call_off_stale_round()
-        except Exception as error:  # (a DHT that is shutting down): never let the watch end a trainer
-            logger.debug("Could not check for a stale parameter averaging round: %s", error)
-        del optimizer
+        for check in (optimizer.call_off_rounds_when_leaving, optimizer.call_off_stale_gradient_round,
+                      optimizer.call_off_rounds_alone, optimizer.call_off_stale_round):
+            try:
+                check()
+            except Exception as error:  # (a DHT read that timed out, or one shutting down): never end a trainer
+                logger.debug("%s failed: %s", check.__name__, error)
+        del optimizer, check
 
 
 def build_optimizer(

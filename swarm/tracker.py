@@ -22,8 +22,9 @@ loading, or it was cut off and stepped by itself). The others will not follow it
 when at least QUORUM_AHEAD other peers claim steps and none is within one step of ours, for ALONE_SECONDS on end
 (a peer that fell behind a moment ago is catching up, not a swarm elsewhere), ``majority_step`` names the step they
 support, and the optimizer downloads their state (see ``SwarmOptimizer``). The mirror case: when at least
-QUORUM_AHEAD other peers, and at least half of them, claim steps past ours, ``behind_since`` says since when; a peer
-still at the old step a while later has missed the swarm's round (see ``SwarmOptimizer._left_behind``).
+QUORUM_AHEAD other peers, and at least half of them, claim steps past ours (or the only other peer does, a step
+ahead or as far as we believe it), ``behind_since`` says since when; a peer still at the old step a while later has
+missed the swarm's round (see ``SwarmOptimizer._left_behind``).
 
 For that, peers must see each other's progress while out of sync. hivemind publishes a peer's progress only while
 it is in sync with the largest epoch it believes: peers that fell behind a lone leader vanished from everyone's
@@ -192,20 +193,17 @@ class BoundedProgressTracker(ProgressTracker):
         """The largest epoch we believe: ours + 1 from anyone (the first peer to finish a step is one ahead for a
         moment); beyond that, only an epoch that QUORUM_AHEAD peers claim (at least)."""
         own = self.local_progress.epoch
-        claims = sorted((p.epoch for p in peers if not p.client_mode and p.peer_id != self.dht.peer_id.to_bytes()),
-                        reverse=True)
+        claims = self._claims(peers)
         self.other_epochs, alone = claims, False
         if len(claims) >= QUORUM_AHEAD:
             supported = claims[QUORUM_AHEAD - 1]
             alone = claims[0] < own - 1  # we ran ahead alone: the swarm is elsewhere
         elif claims:  # one other peer: believe it as far as the time since our step began allows
-            elapsed = max(0.0, get_dht_time() - self._epoch_began)
-            supported = min(claims[0], own + 1 + int(elapsed / self.min_step_seconds))
+            supported = self._lone_belief(claims[0])
         else:
             supported = own
         now = get_dht_time()
-        past = sum(own < claim <= own + ABSURD_STEPS for claim in claims)
-        if past < QUORUM_AHEAD or 2 * past < len(claims):
+        if not self._past_our_step(claims):
             self._behind = None
         elif self._behind is None or self._behind[0] != own:
             self._behind = (own, now)
@@ -214,11 +212,38 @@ class BoundedProgressTracker(ProgressTracker):
         self.majority_step = supported if alone and now - self._alone_since >= self.alone_seconds else None
         return max(own + 1, supported)
 
+    def _claims(self, peers: list[LocalTrainingProgress]) -> list[int]:
+        """The steps the other trainers claim, largest first."""
+        own = self.dht.peer_id.to_bytes()
+        return sorted((p.epoch for p in peers if not p.client_mode and p.peer_id != own), reverse=True)
+
+    def _lone_belief(self, claim: int) -> int:
+        """How far we believe the only other trainer: as far as the time since our step began allows."""
+        elapsed = max(0.0, get_dht_time() - self._epoch_began)
+        return min(claim, self.local_progress.epoch + 1 + int(elapsed / self.min_step_seconds))
+
+    def _past_our_step(self, claims: list[int]) -> bool:
+        """Whether the swarm is done with our step: QUORUM_AHEAD other trainers, and half of them, are past it, or
+        the only other trainer is, as far as we believe it (its round for our step is over: ours could only pair
+        with its round for the next step; nobody else is there to outvote a liar, nor to be misled by one)."""
+        own = self.local_progress.epoch
+        if len(claims) == 1:
+            return own < claims[0] <= self._lone_belief(claims[0])
+        past = sum(own < claim <= own + ABSURD_STEPS for claim in claims)
+        return past >= QUORUM_AHEAD and 2 * past >= len(claims)
+
     def behind_since(self, epoch: int) -> float | None:
-        """Since when (DHT time) at least QUORUM_AHEAD other peers, and at least half of them, have claimed steps
-        past ``epoch``, as last seen while we were at ``epoch``; None if they do not."""
+        """Since when (DHT time) at least QUORUM_AHEAD other peers, and at least half of them, or the only other
+        peer, have claimed steps past ``epoch``, as last seen while we were at ``epoch``; None if they do not."""
         behind = self._behind
         return behind[1] if behind is not None and behind[0] == epoch else None
+
+    def past_our_step(self, records: list[LocalTrainingProgress]) -> bool:
+        """``behind_since``'s rule on records read from the DHT by the caller: hivemind pauses our refreshes for
+        the whole global step, while our gradient round looks for its group (peers we distrust do not count)."""
+        now = get_dht_time()
+        return self._past_our_step(self._claims([peer for peer in records
+                                                 if self._distrusted.get(peer.peer_id, 0.0) <= now]))
 
     def _warn_once(self, peer_id: bytes, peer: LocalTrainingProgress, changes: dict,
                    message: str = "Bounding the progress claims of peer %s: %s (to %s)") -> None:

@@ -55,6 +55,13 @@ def shut_down(*parts) -> None:
             part.shutdown()
 
 
+def finish_step(tracker: ProgressTracker) -> None:
+    """Another trainer steps from 0 to 1."""
+    with tracker.pause_updates():
+        tracker.update_epoch(1)
+    tracker.report_local_progress(local_epoch=1, samples_accumulated=0)
+
+
 def wait_until(condition, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
@@ -179,11 +186,6 @@ def test_a_trainer_the_swarm_left_behind_calls_its_round_off_and_downloads():
         optimizer = lonely_optimizer(dht, config)
         others = trackers_at_step_0(dhts, config, samples=8)
 
-        def finish_step(tracker):
-            with tracker.pause_updates():
-                tracker.update_epoch(1)
-            tracker.report_local_progress(local_epoch=1, samples_accumulated=0)
-
         round_ = optimizer.scheduled_grads = optimizer.grad_averager.schedule_step(timeout=120.0)  # (outlasts the test)
         finish_step(others[0])  # one of two finished step 0: it may have just stepped, we are not behind
         wait_until(lambda: optimizer.tracker.global_epoch == 1)
@@ -199,6 +201,32 @@ def test_a_trainer_the_swarm_left_behind_calls_its_round_off_and_downloads():
         wait_until(optimizer._left_behind)
         assert optimizer._left_behind() and optimizer.local_epoch == 0
         assert optimizer._should_load_state_from_peers()
+    finally:
+        shut_down(optimizer, *others, *dhts, dht)
+
+
+def test_a_round_begun_before_the_only_other_trainer_stepped_is_called_off():
+    """Two trainers. Our step has begun (hivemind pauses our tracker's refreshes until it ends) and our round looks
+    for a group; the other trainer then steps without us: our round could only pair with its round for step 1. The
+    watch reads the records from the DHT itself and calls the round off."""
+    config = load_config(TINY)
+    config = config.model_copy(update=dict(timeouts=config.timeouts.model_copy(update=dict(matchmaking=1.0))))
+    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dhts = other_dhts(dht, count=1)
+    optimizer, others = None, []
+    try:
+        optimizer = lonely_optimizer(dht, config)
+        others = trackers_at_step_0(dhts, config, samples=8)
+        wait_until(lambda: optimizer.tracker.global_progress.num_peers == 2)
+        round_ = optimizer.scheduled_grads = optimizer.grad_averager.schedule_step(timeout=120.0)
+        with optimizer.tracker.pause_updates():  # what hivemind's step does
+            round_.allow_allreduce()  # triggered: our step waits for this round
+            time.sleep(3 * config.timeouts.matchmaking)
+            assert not round_.done(), round_  # the other trainer is at our step: it may still come
+            finish_step(others[0])
+            wait_until(round_.done)
+            assert round_.cancelled(), round_
+            assert optimizer.tracker.behind_since(0) is None  # (the paused tracker never saw it)
     finally:
         shut_down(optimizer, *others, *dhts, dht)
 

@@ -253,6 +253,23 @@ def test_behind_needs_two_peers_past_us_and_half_of_them():
     assert t.behind_since(5) is None and t.other_epochs == [6, 5]
 
 
+def test_the_only_other_trainer_past_us_means_we_are_behind():
+    """Two trainers: once the other is past our step, its round for our step is over (ours could only pair with
+    its next one), and nobody else could outvote it anyway."""
+    t = tracker(own_epoch=5)
+    t._believed_epoch([_claim(5)])
+    assert t.behind_since(5) is None  # level
+    t._believed_epoch([_claim(6)])
+    since = t.behind_since(5)
+    assert since is not None and t.behind_since(6) is None
+    t._believed_epoch([_claim(7)])  # (10 s of 3 s steps: as far as we believe a lone peer)
+    assert t.behind_since(5) == since
+    t._believed_epoch([_claim(10**6)])
+    assert t.behind_since(5) is None  # beyond belief: not behind it
+    t._believed_epoch([_claim(6), _claim(5, b"b")])
+    assert t.behind_since(5) is None  # one of two: it may just have stepped
+
+
 def test_fast_claims_are_bounded():
     t = tracker()
     (item,) = t._bounded(records((5, 96, 35.0))).values()  # 3.5x our rate: kept as it is
