@@ -135,7 +135,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         """The step the swarm is at, when this peer stepped alone past it (its peers do not follow a lone peer:
         see BoundedProgressTracker) and has not just failed to fetch the swarm's state."""
         majority = getattr(self.tracker, "majority_step", None)
-        if majority is None or majority >= self.local_epoch - 1 or time.monotonic() < self._fallback_retry_at:
+        if majority is None or majority >= self.local_epoch or time.monotonic() < self._fallback_retry_at:
             return None
         return majority
 

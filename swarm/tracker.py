@@ -19,9 +19,11 @@ samples or throughput made them step at once. ``BoundedProgressTracker`` reads t
 
 The other side of the first rule: an honest peer can run ahead alone (it started while the others were still
 loading, or it was cut off and stepped by itself). The others will not follow it, so it must come back to them:
-when at least QUORUM_AHEAD other peers claim steps and none is within one step of ours, for ALONE_SECONDS on end
-(a peer that fell behind a moment ago is catching up, not a swarm elsewhere), ``majority_step`` names the step they
-support, and the optimizer downloads their state (see ``SwarmOptimizer``). The mirror case: when at least
+when at least QUORUM_AHEAD other peers claim steps and none is at ours or past it, for ALONE_SECONDS on end (the
+first peer to finish a step is ahead for a moment; a peer that fell behind a moment ago is catching up), then
+``majority_step`` names the step they support, and the optimizer downloads their state (see ``SwarmOptimizer``).
+One step ahead is enough: rounds carry no step, so a healed trainer one step ahead of the other two paired its
+rounds with their previous step's, round after round, while each side's sync check saw nothing it would act on. The mirror case: when at least
 QUORUM_AHEAD other peers, and at least half of them, claim steps past ours (or the only other peer does, a step
 ahead or as far as we believe it), ``behind_since`` says since when; a peer still at the old step a while later has
 missed the swarm's round (see ``SwarmOptimizer._left_behind``).
@@ -197,7 +199,7 @@ class BoundedProgressTracker(ProgressTracker):
         self.other_epochs, alone = claims, False
         if len(claims) >= QUORUM_AHEAD:
             supported = claims[QUORUM_AHEAD - 1]
-            alone = claims[0] < own - 1  # we ran ahead alone: the swarm is elsewhere
+            alone = claims[0] < own  # nobody else is at our step: we ran ahead alone, and the swarm is elsewhere
         elif claims:  # one other peer: believe it as far as the time since our step began allows
             supported = self._lone_belief(claims[0])
         else:

@@ -224,15 +224,30 @@ def test_a_peer_alone_ahead_learns_the_swarms_step():
     t._alone_since -= 30.0
     t._believed_epoch([_claim(3), _claim(2, b"b"), _claim(3, b"c")])
     assert t.majority_step == 3
-    t._believed_epoch([_claim(11), _claim(3, b"b"), _claim(3, b"c")])
+    t._believed_epoch([_claim(12), _claim(3, b"b"), _claim(3, b"c")])
     assert t.majority_step is None and t._alone_since is None  # a peer is with us again: the clock restarts
     t.alone_seconds = 0.0
     t._believed_epoch([_claim(3), _claim(2, b"b"), _claim(3, b"c")])
     assert t.majority_step == 3  # we ran ahead: fall back to what two others support
-    t._believed_epoch([_claim(11), _claim(3, b"b"), _claim(3, b"c")])
-    assert t.majority_step is None  # a peer is with us: the normal rules apply
+    t._believed_epoch([_claim(13), _claim(3, b"b"), _claim(3, b"c")])
+    assert t.majority_step is None  # a peer is with us (or past us): the normal rules apply
     t._believed_epoch([_claim(3)])
     assert t.majority_step is None  # one other peer is no majority
+
+
+def test_one_step_ahead_of_everyone_for_a_while_is_running_ahead():
+    """A healed trainer one step ahead of the other two paired its rounds with their previous step's: one step
+    ahead of all of them, for ALONE_SECONDS on end, it falls back to their step."""
+    t = tracker(own_epoch=6)
+    t.alone_seconds = 30.0
+    t._believed_epoch([_claim(5), _claim(5, b"b")])
+    assert t.majority_step is None  # the first to finish a step is ahead of the others for a moment
+    t._alone_since -= 30.0
+    t.local_progress = t.local_progress.copy(update=dict(epoch=7))  # (it stays ahead across its own steps)
+    t._believed_epoch([_claim(6), _claim(6, b"b")])
+    assert t.majority_step == 6
+    t._believed_epoch([_claim(7), _claim(6, b"b")])
+    assert t.majority_step is None and t._alone_since is None  # one of them reached our step
 
 
 def test_behind_needs_two_peers_past_us_and_half_of_them():
