@@ -174,6 +174,11 @@ class SwarmOptimizer(hivemind.Optimizer):
             self.state_averager.local_epoch = behind_at
             self.tracker.report_local_progress(local_epoch=behind_at, samples_accumulated=0)
             return
+        if majority is not None and self.local_epoch != self.state_averager.loaded_epoch:
+            # hivemind "caught up" with the step after the one downloaded, as its view of the swarm (our own record
+            # included) was one step further: our own lead. That labelled the swarm's state with our step.
+            self.state_averager.local_epoch = self.state_averager.loaded_epoch
+            self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
         if self._joined:  # mid-run: the gradients this peer accumulated were dropped
             where = "ran ahead of the swarm alone" if majority is not None else "fell behind the swarm"
             got = (f"downloaded its state at step {self.local_epoch}" if self.state_averager.loaded_from is not None

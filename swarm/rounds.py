@@ -12,6 +12,7 @@ import logging
 import multiprocessing as mp
 import re
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Round:
     outcome: str  # one of OUTCOMES
     group_size: int  # peers in the all-reduce group, this one included (1 when it trained alone)
     reason: str = ""
+    ended: float = field(default_factory=time.time)  # when it was recorded (Unix time): which rounds were one
 
 
 @dataclass

@@ -69,6 +69,7 @@ class _VerifiedDownload(DecentralizedAverager):
 
     state_check: Check | None = None  # set by the owner in the parent process
     loaded_from: bytes | None = None  # the donor of the last state that passed the check (None: none did)
+    loaded_epoch: int | None = None  # the step of that state
     download_seconds: float = 0.0  # how long the download of the last state that passed the check took
     owner_subkey: bytes | None = None  # "[owner:<public key>]" of this peer's DHT key: signs its donor entry
     vouch: tuple[int, list[float]] | None = None  # a seed serving a checkpoint: (its step, state_digest), published
@@ -134,6 +135,7 @@ class _VerifiedDownload(DecentralizedAverager):
             problem = self.state_check(metadata, tensors) if self.state_check is not None else None
             if problem is None:
                 self.loaded_from, self.download_seconds = donor, time.monotonic() - began
+                self.loaded_epoch = metadata["epoch"]  # (the check made sure it is a step)
                 return metadata, tensors
             logger.warning("Refusing the state served by peer %s: %s; trying another peer",
                            PeerID(donor).to_base58(), problem)

@@ -211,7 +211,12 @@ class BoundedProgressTracker(ProgressTracker):
             self._behind = (own, now)
         if not alone or self._alone_since is None:
             self._alone_since = now if alone else None
-        self.majority_step = supported if alone and now - self._alone_since >= self.alone_seconds else None
+        # one step ahead: only once our step has lasted a matchmaking time (the others step a moment after us when
+        # we all finish a step; a trainer that came back from a cut stepped alone as the swarm stepped, and its
+        # alone-clock had run through the cut, on records its DHT still held)
+        settled = claims and claims[0] < own - 1 or now - self._epoch_began >= self.min_step_seconds
+        self.majority_step = supported if alone and settled and now - self._alone_since >= self.alone_seconds \
+            else None
         return max(own + 1, supported)
 
     def _claims(self, peers: list[LocalTrainingProgress]) -> list[int]:

@@ -238,14 +238,20 @@ def test_a_peer_alone_ahead_learns_the_swarms_step():
 def test_one_step_ahead_of_everyone_for_a_while_is_running_ahead():
     """A healed trainer one step ahead of the other two paired its rounds with their previous step's: one step
     ahead of all of them, for ALONE_SECONDS on end, it falls back to their step."""
+    from hivemind.utils import get_dht_time
+
     t = tracker(own_epoch=6)
     t.alone_seconds = 30.0
     t._believed_epoch([_claim(5), _claim(5, b"b")])
     assert t.majority_step is None  # the first to finish a step is ahead of the others for a moment
     t._alone_since -= 30.0
     t.local_progress = t.local_progress.copy(update=dict(epoch=7))  # (it stays ahead across its own steps)
+    t._epoch_began = get_dht_time()
     t._believed_epoch([_claim(6), _claim(6, b"b")])
-    assert t.majority_step == 6
+    assert t.majority_step is None  # we have just stepped: the others may step a moment after us
+    t._epoch_began -= t.min_step_seconds
+    t._believed_epoch([_claim(6), _claim(6, b"b")])
+    assert t.majority_step == 6  # a matchmaking time later, still one step ahead of all of them
     t._believed_epoch([_claim(7), _claim(6, b"b")])
     assert t.majority_step is None and t._alone_since is None  # one of them reached our step
 
