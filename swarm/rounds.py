@@ -55,7 +55,7 @@ class Round:
     outcome: str  # one of OUTCOMES
     group_size: int  # peers in the all-reduce group, this one included (1 when it trained alone)
     reason: str = ""
-    ended: float = field(default_factory=time.time)  # when it was recorded (Unix time): which rounds were one
+    ended: float = field(default_factory=time.time)  # when it was recorded (Unix time; a group's rounds end together)
 
 
 @dataclass

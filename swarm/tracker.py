@@ -19,14 +19,15 @@ samples or throughput made them step at once. ``BoundedProgressTracker`` reads t
 
 The other side of the first rule: an honest peer can run ahead alone (it started while the others were still
 loading, or it was cut off and stepped by itself). The others will not follow it, so it must come back to them:
-when at least QUORUM_AHEAD other peers claim steps and none is at ours or past it, for ALONE_SECONDS on end (the
-first peer to finish a step is ahead for a moment; a peer that fell behind a moment ago is catching up), then
-``majority_step`` names the step they support, and the optimizer downloads their state (see ``SwarmOptimizer``).
-One step ahead is enough: rounds carry no step, so a healed trainer one step ahead of the other two paired its
-rounds with their previous step's, round after round, while each side's sync check saw nothing it would act on. The mirror case: when at least
-QUORUM_AHEAD other peers, and at least half of them, claim steps past ours (or the only other peer does, a step
-ahead or as far as we believe it), ``behind_since`` says since when; a peer still at the old step a while later has
-missed the swarm's round (see ``SwarmOptimizer._left_behind``).
+when at least QUORUM_AHEAD other peers claim steps and none is at ours or past it, for ALONE_SECONDS on end (two
+matchmaking times when one step ahead; the first peer to finish a step is ahead for a moment, and a peer that fell
+behind a moment ago is catching up), ``majority_step`` names the step they support, and the optimizer downloads
+their state (see ``SwarmOptimizer``). One step ahead is enough: rounds carry no step, so a healed trainer one step
+ahead of the other two paired its rounds with their previous step's, round after round, while no sync check on
+either side saw anything to act on. The mirror case: when at least QUORUM_AHEAD other peers, and at least half of
+them, claim steps past ours (or the only other peer does, a step ahead or as far as we believe it),
+``behind_since`` says since when; a peer still at the old step a while later has missed the swarm's round (see
+``SwarmOptimizer._left_behind``).
 
 For that, peers must see each other's progress while out of sync. hivemind publishes a peer's progress only while
 it is in sync with the largest epoch it believes: peers that fell behind a lone leader vanished from everyone's
@@ -60,6 +61,7 @@ DISTRUST_SECONDS = 600.0
 ABSURD_STEPS = 10_000  # an honest peer runs ahead by a few steps at most, never by thousands
 ALONE_STEPS = 3  # global steps' worth of time (at least ALONE_SECONDS) a peer must be alone ahead before it falls back
 ALONE_SECONDS = 10.0
+ONE_AHEAD_STEPS = 2  # the same for a peer only one step ahead of all the others (matchmaking times; see below)
 
 
 class BoundedProgressTracker(ProgressTracker):
@@ -211,12 +213,14 @@ class BoundedProgressTracker(ProgressTracker):
             self._behind = (own, now)
         if not alone or self._alone_since is None:
             self._alone_since = now if alone else None
-        # one step ahead: only once our step has lasted a matchmaking time (the others step a moment after us when
-        # we all finish a step; a trainer that came back from a cut stepped alone as the swarm stepped, and its
-        # alone-clock had run through the cut, on records its DHT still held)
-        settled = claims and claims[0] < own - 1 or now - self._epoch_began >= self.min_step_seconds
-        self.majority_step = supported if alone and settled and now - self._alone_since >= self.alone_seconds \
-            else None
+        # One step ahead: a shorter wait, as each of our rounds meanwhile pairs with the others' previous step, but
+        # only once our step has lasted a matchmaking time (the others step a moment after us when we all finish a
+        # step; a trainer that came back from a cut stepped alone as the swarm stepped, and its alone-clock had
+        # run through the cut, on records its DHT still held).
+        far = bool(claims) and claims[0] < own - 1
+        wait = self.alone_seconds if far else min(self.alone_seconds, ONE_AHEAD_STEPS * self.min_step_seconds)
+        settled = far or now - self._epoch_began >= self.min_step_seconds
+        self.majority_step = supported if alone and settled and now - self._alone_since >= wait else None
         return max(own + 1, supported)
 
     def _claims(self, peers: list[LocalTrainingProgress]) -> list[int]:

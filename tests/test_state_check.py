@@ -237,14 +237,14 @@ def test_a_peer_alone_ahead_learns_the_swarms_step():
 
 def test_one_step_ahead_of_everyone_for_a_while_is_running_ahead():
     """A healed trainer one step ahead of the other two paired its rounds with their previous step's: one step
-    ahead of all of them, for ALONE_SECONDS on end, it falls back to their step."""
+    ahead of all of them for two matchmaking times on end, it falls back to their step."""
     from hivemind.utils import get_dht_time
 
     t = tracker(own_epoch=6)
     t.alone_seconds = 30.0
     t._believed_epoch([_claim(5), _claim(5, b"b")])
     assert t.majority_step is None  # the first to finish a step is ahead of the others for a moment
-    t._alone_since -= 30.0
+    t._alone_since -= 2 * t.min_step_seconds  # (not the 30 s a peer further ahead waits)
     t.local_progress = t.local_progress.copy(update=dict(epoch=7))  # (it stays ahead across its own steps)
     t._epoch_began = get_dht_time()
     t._believed_epoch([_claim(6), _claim(6, b"b")])
