@@ -128,12 +128,12 @@ class BoundedProgressTracker(ProgressTracker):
             return {}
         now = get_dht_time()
         believed = self._believed_epoch([peer for _, peer in entries.values()
-                                         if self._distrusted.get(peer.peer_id, 0.0) <= now])
+                                         if not self._distrusts(peer.peer_id, now)])
         max_rate = self._max_rate([peer.samples_per_second for _, peer in entries.values()])
         elapsed = max(0.0, now - self._epoch_began) + self.max_refresh_period + 1.0
         bounded = {}
         for subkey, (item, peer) in entries.items():
-            if self._distrusted.get(peer.peer_id, 0.0) > now:
+            if self._distrusts(peer.peer_id, now):
                 continue
             absurd = {name: getattr(peer, name) for name, too_much in (
                 ("epoch", peer.epoch > believed + ABSURD_STEPS),
@@ -184,6 +184,9 @@ class BoundedProgressTracker(ProgressTracker):
         measured = [rate for rate in claimed + [own] if rate > MEASURED_RATE]
         median = statistics.median(measured) if measured else 0.0
         return max(RATE_FACTOR * max(median, own), self.target_batch_size / self.min_step_seconds)
+
+    def _distrusts(self, peer_id: bytes, now: float) -> bool:
+        return self._distrusted.get(peer_id, 0.0) > now
 
     def _distrust(self, peer_id: bytes, claims: dict) -> None:
         if len(self._distrusted) >= 10_000:  # bounded: forget the oldest verdicts first
@@ -253,8 +256,7 @@ class BoundedProgressTracker(ProgressTracker):
         """``behind_since``'s rule on records read from the DHT by the caller: hivemind pauses our refreshes for
         the whole global step, while our gradient round looks for its group (peers we distrust do not count)."""
         now = get_dht_time()
-        return self._past_our_step(self._claims([peer for peer in records
-                                                 if self._distrusted.get(peer.peer_id, 0.0) <= now]))
+        return self._past_our_step(self._claims([peer for peer in records if not self._distrusts(peer.peer_id, now)]))
 
     def _warn_once(self, peer_id: bytes, peer: LocalTrainingProgress, changes: dict,
                    message: str = "Bounding the progress claims of peer %s: %s (to %s)") -> None:
