@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 FALLBACK_RETRY_SECONDS = 30.0  # after failing to fetch the swarm's state, a peer ahead or behind waits this long
 STALE_ROUND_POLL_SECONDS = 1.0  # how often a trainer checks whether its parameter round has been left behind
 PROGRESS_READ_SECONDS = 5.0  # (the check's DHT read; a DHT process that is gone would never answer)
+PROGRESS_READ_REUSE_SECONDS = STALE_ROUND_POLL_SECONDS / 2  # one DHT read serves all the checks of a poll
 
 
 class _RemembersLastRound(DecentralizedAverager):
@@ -78,6 +79,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._grads_in_averager = False  # our gradients are in the averager for a round that began
         self._stop_watching, self._stale_watch = threading.Event(), None
         self._first_seen: dict[bytes, tuple[int, float]] = {}  # trainer -> (epoch, its record's time when first seen)
+        self._progress_read: tuple[float, tuple] = (-math.inf, ())  # (when, what) of the last _other_progress read
         super().__init__(**kwargs)
         self._stale_watch = threading.Thread(target=_watch_for_stale_rounds, args=(weakref.ref(self),
                                              self._stop_watching), daemon=True, name="stale-round-watch")
@@ -293,7 +295,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self.tracker.behind_since(epoch) is None and not (
                 control.triggered and self.tracker.past_our_step(self._other_progress()[0])):
             return False
-        if not _looking_for_group(control):
+        if not _looking_for_group(control):  # (it may have found its group during the read)
             return False
         logger.info("Calling off the gradient averaging round for step %d, still without a group: the swarm has "
                     "finished that step", epoch)
@@ -369,7 +371,15 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _other_progress(self) -> tuple[list[LocalTrainingProgress], bool, int]:
         """From the DHT itself: the other trainers' live progress records, whether our own is there (if not, the
-        read says little about who is), and how many other trainers' records are withdrawn."""
+        read says little about who is), and how many other trainers' records are withdrawn. The checks of one watch
+        poll run within milliseconds of each other and share one read."""
+        read_at, result = self._progress_read
+        if time.monotonic() - read_at >= PROGRESS_READ_REUSE_SECONDS:
+            result = self._read_other_progress()
+            self._progress_read = (time.monotonic(), result)
+        return result
+
+    def _read_other_progress(self) -> tuple[list[LocalTrainingProgress], bool, int]:
         found = self.dht.get(self.tracker.training_progress_key, latest=True, return_future=True).result(
             timeout=PROGRESS_READ_SECONDS)
         if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
