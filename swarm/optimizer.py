@@ -187,6 +187,8 @@ class SwarmOptimizer(hivemind.Optimizer):
                    else "no peer served a state that passed the checks")
             self._record("skipped", 1, f"{where}; {got}", step=behind_at)
         if self.state_averager.loaded_from is not None:
+            # hivemind's once-a-step sync check must read a view fetched after the download, not the one before it
+            self.tracker.fetched_global_progress_this_epoch.clear()
             self._look_for_the_current_round()
         self._joined = True
 

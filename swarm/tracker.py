@@ -21,10 +21,10 @@ The other side of the first rule: an honest peer can run ahead alone (it started
 loading, or it was cut off and stepped by itself). The others will not follow it, so it must come back to them:
 when at least QUORUM_AHEAD other peers claim steps and none is at ours or past it, for ALONE_SECONDS on end (two
 matchmaking times when one step ahead; the first peer to finish a step is ahead for a moment, and a peer that fell
-behind a moment ago is catching up), ``majority_step`` names the step they support, and the optimizer downloads
-their state (see ``SwarmOptimizer``). One step ahead is enough: rounds carry no step, so a healed trainer one step
-ahead of the other two paired its rounds with their previous step's, round after round, while no sync check on
-either side saw anything to act on. The mirror case: when at least QUORUM_AHEAD other peers, and at least half of
+behind a moment ago is catching up), or once they have all stepped and are still behind us, ``majority_step``
+names the step they support, and the optimizer downloads their state (see ``SwarmOptimizer``). One step ahead is
+enough: rounds carry no step, so a healed trainer one step ahead of the other two paired its rounds with their
+previous step's, round after round, while no sync check on either side saw anything to act on. The mirror case: when at least QUORUM_AHEAD other peers, and at least half of
 them, claim steps past ours (or the only other peer does, a step ahead or as far as we believe it),
 ``behind_since`` says since when; a peer still at the old step a while later has missed the swarm's round (see
 ``SwarmOptimizer._left_behind``).
@@ -73,6 +73,7 @@ class BoundedProgressTracker(ProgressTracker):
         self._distrusted: dict[bytes, float] = {}  # peer id -> until when its records are ignored
         self.majority_step: int | None = None  # set while we are alone ahead of QUORUM_AHEAD peers (see above)
         self._alone_since: float | None = None
+        self._lead_behind: tuple[int, bool] | None = None  # (the others' lead, whether it rose) while all are behind us
         self._behind: tuple[int, float] | None = None  # (our epoch, since when) while the swarm is past it
         self.other_epochs: list[int] = []  # the steps the other trainers claimed in the last refresh
         self.alone_seconds = max(ALONE_SECONDS, ALONE_STEPS * self.min_step_seconds)
@@ -162,18 +163,22 @@ class BoundedProgressTracker(ProgressTracker):
         return bounded
 
     def _with_own(self, bounded: dict) -> dict:
-        """The records read, with ours added from memory where the read lacks it, as long as we publish one.
-        hivemind counts the records as the swarm's peers, us included, and steps alone, its round called off, when
-        it counts one. A trainer resumed after a 30 s SIGSTOP (its record had expired meanwhile, its new one not yet
-        stored) read only its partner's record: it took the partner for itself, stepped twice in a second on the
-        partner's samples without averaging, and from then on its rounds paired with the partner's for the step
-        before, until the partner downloaded its state five steps later. (Not in the first read, made while hivemind
-        builds the tracker: a newcomer is not in the swarm yet.)"""
+        """The records read, with ours taken from memory (in place of what the DHT holds, or where it holds nothing),
+        as long as we publish one. hivemind counts the records as the swarm's peers, us included, and steps alone,
+        its round called off, when it counts one. A trainer resumed after a 30 s SIGSTOP (its record had expired
+        meanwhile, its new one not yet stored) read only its partner's record: it took the partner for itself,
+        stepped twice in a second on the partner's samples without averaging, and from then on its rounds paired
+        with the partner's for the step before, until the partner downloaded its state five steps later. And a
+        trainer that had run ahead and downloaded the swarm's state read its own record from before the download,
+        one step ahead: hivemind's sync check took that step for the swarm's, downloaded again and "caught up" to
+        it, labelling the swarm's state with our old step. A record claiming our peer id under another key is
+        dropped. (Not in the first read, made while hivemind builds the tracker: a newcomer is not in the swarm
+        yet.)"""
         own = self.dht.peer_id.to_bytes()
-        if not bounded or not hasattr(self, "global_progress") or not self._publishes(self.local_progress) or any(
-                item.value["peer_id"] == own for item in bounded.values()):  # (each one parsed in _bounded)
+        if not bounded or not hasattr(self, "global_progress") or not self._publishes(self.local_progress):
             return bounded
-        return {**bounded, self._local_public_key: ValueWithExpiration(
+        others = {key: item for key, item in bounded.items() if item.value["peer_id"] != own}  # (parsed in _bounded)
+        return {**others, self._local_public_key: ValueWithExpiration(
             self.local_progress.dict(), get_dht_time() + self.metadata_expiration)}
 
     def _max_rate(self, claimed: list[float]) -> float:
@@ -216,6 +221,7 @@ class BoundedProgressTracker(ProgressTracker):
             self._behind = (own, now)
         if not alone or self._alone_since is None:
             self._alone_since = now if alone else None
+        followed_behind = self._stepped_behind_us(claims if alone else [], peers, now)
         # One step ahead: a shorter wait, as each of our rounds meanwhile pairs with the others' previous step, but
         # only once our step has lasted a matchmaking time (the others step a moment after us when we all finish a
         # step; a trainer that came back from a cut stepped alone as the swarm stepped, and its alone-clock had
@@ -223,13 +229,34 @@ class BoundedProgressTracker(ProgressTracker):
         far = bool(claims) and claims[0] < own - 1
         wait = self.alone_seconds if far else min(self.alone_seconds, ONE_AHEAD_STEPS * self.min_step_seconds)
         settled = far or now - self._epoch_began >= self.min_step_seconds
-        self.majority_step = supported if alone and settled and now - self._alone_since >= wait else None
+        waited = alone and settled and now - self._alone_since >= wait
+        self.majority_step = supported if alone and (waited or followed_behind) else None
         return max(own + 1, supported)
+
+    def _stepped_behind_us(self, claims: list[int], peers: list[LocalTrainingProgress], now: float) -> bool:
+        """Whether the other trainers, all behind us (``claims``, empty when not), have stepped since we first saw
+        them there and are still behind: they are not about to catch up, they follow their own steps. That is the
+        runaway's mark, and it shows across our steps: a healed trainer one step ahead paired each round with the
+        others' previous step, all of them stepping together, so none of its steps lasted the matchmaking time the
+        rule above waits for (with tiny.yaml's 3-4 s steps, and the tracker paused during each step). Only records
+        refreshed as often as a live peer refreshes them count: a trainer cut off reads the records its DHT still
+        holds, frozen where the swarm was when the link went."""
+        others, stale = self._other_trainers(peers), now - (self.metadata_expiration / 2 + self.max_refresh_period + 1)
+        if not claims or any(p.time < stale for p in others):
+            self._lead_behind = None
+        elif self._lead_behind is None or claims[0] < self._lead_behind[0]:
+            self._lead_behind = (claims[0], False)
+        elif claims[0] > self._lead_behind[0] and all(p.time >= self._epoch_began for p in others):
+            self._lead_behind = (claims[0], True)  # (records from before our step: they may be finishing it with us)
+        return self._lead_behind is not None and self._lead_behind[1]
 
     def _claims(self, peers: list[LocalTrainingProgress]) -> list[int]:
         """The steps the other trainers claim, largest first."""
+        return sorted((p.epoch for p in self._other_trainers(peers)), reverse=True)
+
+    def _other_trainers(self, peers: list[LocalTrainingProgress]) -> list[LocalTrainingProgress]:
         own = self.dht.peer_id.to_bytes()
-        return sorted((p.epoch for p in peers if not p.client_mode and p.peer_id != own), reverse=True)
+        return [p for p in peers if not p.client_mode and p.peer_id != own]
 
     def _lone_belief(self, claim: int) -> int:
         """How far we believe the only other trainer: as far as the time since our step began allows."""

@@ -88,4 +88,12 @@ def test_the_cut_trainer_is_back_in_sync_within_two_steps(healed_swarm):
     assert cut is not None, ("no round of trainer-1 noticed the cut", rounds)
     averaged = [r["step"] for r in rounds[cut:] if r["outcome"] == "averaged" and r["group_size"] >= 2]
     assert averaged and averaged[0] <= step_at_heal + 2, (step_at_heal, rounds)
+    # in sync, not merely grouped: past heal + 2, its rounds group with the others' rounds for the same step (rounds
+    # carry no step: a healed trainer one step ahead paired with their previous step's, round after round)
+    others = [r for name in ("trainer-0", "trainer-2") for r in report(work, name)["rounds"]
+              if r["outcome"] in ("averaged", "partial")]
+    for round_ in rounds[cut:]:
+        if round_["step"] > step_at_heal + 2 and round_["outcome"] in ("averaged", "partial"):
+            beside = [r["step"] for r in others if abs(r["ended"] - round_["ended"]) <= 1.5]
+            assert set(beside) <= {round_["step"]}, (round_, others)
     assert report(work, "trainer-1")["final_step"] >= step_at_heal + 2

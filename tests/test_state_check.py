@@ -174,9 +174,9 @@ def tracker(own_epoch: int = 5, target: int = 96, own_rate: float = 10.0):
 
     t = BoundedProgressTracker.__new__(BoundedProgressTracker)
     threading.Thread.__init__(t, daemon=True)  # never started
-    t.target_batch_size, t.max_refresh_period, t.min_step_seconds = target, 1.0, 3.0
+    t.target_batch_size, t.max_refresh_period, t.min_step_seconds, t.metadata_expiration = target, 1.0, 3.0, 23.0
     t._epoch_began, t._epoch_of_begin, t._warned, t._distrusted = get_dht_time() - 10, own_epoch, set(), {}
-    t._alone_since, t.alone_seconds, t._behind = None, 0.0, None
+    t._alone_since, t.alone_seconds, t._behind, t._lead_behind = None, 0.0, None, None
     t.performance_ema = types.SimpleNamespace(samples_per_second=own_rate)
     t.dht = types.SimpleNamespace(peer_id=types.SimpleNamespace(to_bytes=lambda: b"me"))
     t.local_progress = LocalTrainingProgress(peer_id=b"me", epoch=own_epoch, samples_accumulated=0,
@@ -247,13 +247,47 @@ def test_one_step_ahead_of_everyone_for_a_while_is_running_ahead():
     t._alone_since -= 2 * t.min_step_seconds  # (not the 30 s a peer further ahead waits)
     t.local_progress = t.local_progress.copy(update=dict(epoch=7))  # (it stays ahead across its own steps)
     t._epoch_began = get_dht_time()
-    t._believed_epoch([_claim(6), _claim(6, b"b")])
+    t._believed_epoch([_claim(6, age=1.0), _claim(6, b"b", age=1.0)])  # (records from before our step began)
     assert t.majority_step is None  # we have just stepped: the others may step a moment after us
     t._epoch_began -= t.min_step_seconds
-    t._believed_epoch([_claim(6), _claim(6, b"b")])
+    t._believed_epoch([_claim(6, age=1.0 + t.min_step_seconds), _claim(6, b"b", age=1.0 + t.min_step_seconds)])
     assert t.majority_step == 6  # a matchmaking time later, still one step ahead of all of them
     t._believed_epoch([_claim(7), _claim(6, b"b")])
     assert t.majority_step is None and t._alone_since is None  # one of them reached our step
+
+
+def test_others_stepping_while_still_behind_us_means_we_ran_ahead():
+    """The runaway pairing: a healed trainer one step ahead, each of its rounds grouped with the others' previous
+    step, all stepping together, so none of its steps lasts long enough for the wait above. Once the others have
+    stepped and are still behind it, it falls back at once; a peer the others catch up with does not."""
+    from hivemind.utils import get_dht_time
+
+    t = tracker(own_epoch=6)
+    t.alone_seconds = 30.0
+    t._epoch_began = get_dht_time()  # (every step short: the wait above never runs out)
+    t._believed_epoch([_claim(5), _claim(5, b"b")])
+    assert t.majority_step is None  # the first to finish a step is ahead of the others for a moment
+    t.local_progress = t.local_progress.copy(update=dict(epoch=7))  # a round together: we step to 7, they to 6
+    t._epoch_began = get_dht_time() - 1.0
+    t._believed_epoch([_claim(6, age=2.0), _claim(6, b"b", age=2.0)])
+    assert t.majority_step is None  # records from before our step: they may be finishing it with us
+    t._believed_epoch([_claim(6), _claim(6, b"b")])
+    assert t.majority_step == 6  # they stepped, and they are still behind us
+    t._believed_epoch([_claim(7), _claim(6, b"b")])
+    assert t.majority_step is None and t._lead_behind is None  # one of them is at our step: not alone
+
+    t._believed_epoch([_claim(6), _claim(6, b"b")])
+    t._believed_epoch([_claim(7), _claim(7, b"b")])
+    assert t.majority_step is None  # they caught up with us: a peer that stepped first, not a runaway
+
+    t = tracker(own_epoch=6)  # a trainer cut off reads the records its DHT still holds, frozen
+    t.alone_seconds = 30.0
+    t._epoch_began = get_dht_time()
+    t._believed_epoch([_claim(4, age=20.0), _claim(4, b"b", age=20.0)])
+    t._believed_epoch([_claim(5), _claim(5, b"b")])  # the link is back: where the swarm is now
+    assert t.majority_step is None  # a stale record is no step of theirs seen
+    t._believed_epoch([_claim(6), _claim(6, b"b")])
+    assert t.majority_step is None
 
 
 def test_behind_needs_two_peers_past_us_and_half_of_them():
@@ -307,7 +341,7 @@ def test_honest_rates_are_believed_before_anyone_has_measured_its_own():
     assert kept[b"peer-0"].value["samples_per_second"] == 5.8
 
 
-def test_our_own_record_counts_when_a_read_lacks_it():
+def test_our_own_record_is_the_one_we_know():
     """hivemind takes the number of records read for the number of peers, us included; a trainer whose own record
     had expired while it was stopped read only its partner's, took itself to be alone and stepped on the partner's
     samples without averaging."""
@@ -332,17 +366,27 @@ def test_our_own_record_counts_when_a_read_lacks_it():
     ours[b"my-key"].value["peer_id"] = b"me"
     assert t._parse_swarm_progress_data(ours).num_peers == 2  # already there: not counted twice
 
+    # our record in the DHT from before a download that took us back a step: ours is what we know, not what it says
+    ours[b"my-key"].value["epoch"] = 5
+    progress = t._parse_swarm_progress_data(ours)
+    assert progress.epoch == 4 and progress.num_peers == 2, progress
+    forged = records((4, 40, 10.0), (9, 8, 10.0))  # another key claiming our peer id
+    forged[b"peer-1"].value["peer_id"] = b"me"
+    progress = t._parse_swarm_progress_data(forged)
+    assert progress.epoch == 4 and progress.num_peers == 2, progress
+
     t.performance_ema.num_updates = 0  # a newcomer far behind publishes no record: it does not count itself either
     t.global_progress = GlobalTrainingProgress(epoch=9, samples_accumulated=0, target_batch_size=96, num_peers=2,
                                                num_clients=0, eta_next_epoch=math.inf, next_fetch_time=0.0)
     assert t._parse_swarm_progress_data(records((9, 40, 10.0), (9, 8, 10.0))).num_peers == 2
 
 
-def _claim(epoch: int, peer: bytes = b"a"):
+def _claim(epoch: int, peer: bytes = b"a", age: float = 0.0):
     from hivemind.optim.progress_tracker import LocalTrainingProgress
+    from hivemind.utils import get_dht_time
 
     return LocalTrainingProgress(peer_id=peer, epoch=epoch, samples_accumulated=0, samples_per_second=1.0,
-                                 time=0.0, client_mode=False)
+                                 time=get_dht_time() - age, client_mode=False)
 
 
 def test_a_peer_out_of_sync_publishes_its_progress_once_it_has_trained():
