@@ -18,15 +18,16 @@ samples or throughput made them step at once. ``BoundedProgressTracker`` reads t
   have produced since this step began (plus the refresh slack).
 
 The other side of the first rule: an honest peer can run ahead alone (it started while the others were still
-loading, or it was cut off and stepped by itself). The others will not follow it, so it must come back to them:
-when at least QUORUM_AHEAD other peers claim steps and none is at ours or past it, for ALONE_SECONDS on end (two
-matchmaking times when one step ahead; the first peer to finish a step is ahead for a moment, and a peer that fell
-behind a moment ago is catching up), or once they have all stepped and are still behind us, ``majority_step``
-names the step they support, and the optimizer downloads their state (see ``SwarmOptimizer``). One step ahead is
-enough: rounds carry no step, so a healed trainer one step ahead of the other two paired its rounds with their
-previous step's, round after round, while no sync check on either side saw anything to act on. The mirror case: when at least QUORUM_AHEAD other peers, and at least half of
-them, claim steps past ours (or the only other peer does, a step ahead or as far as we believe it),
-``behind_since`` says since when; a peer still at the old step a while later has missed the swarm's round (see
+loading, or it was cut off and stepped by itself). The others will not follow it, so it must come back to them: when
+at least QUORUM_AHEAD other peers claim steps (in records as fresh as a live peer's: a peer cut off still reads the
+records from before the cut) and none is at ours or past it, for ALONE_SECONDS on end (two matchmaking times when
+one step ahead; the first peer to finish a step is ahead for a moment, and a peer that fell behind a moment ago is
+catching up), or once they have all stepped and are still behind us, ``majority_step`` names the step they support,
+and the optimizer downloads their state (see ``SwarmOptimizer``). One step ahead is enough: rounds carry no step, so
+a healed trainer one step ahead of the other two paired its rounds with their previous step's, round after round,
+while no sync check on either side saw anything to act on. The mirror case: when at least QUORUM_AHEAD other peers,
+and at least half of them, claim steps past ours (or the only other peer does, a step ahead or as far as we believe
+it), ``behind_since`` says since when; a peer still at the old step a while later has missed the swarm's round (see
 ``SwarmOptimizer._left_behind``).
 
 For that, peers must see each other's progress while out of sync. hivemind publishes a peer's progress only while
@@ -204,24 +205,27 @@ class BoundedProgressTracker(ProgressTracker):
     def _believed_epoch(self, peers: list[LocalTrainingProgress]) -> int:
         """The largest epoch we believe: ours + 1 from anyone (the first peer to finish a step is one ahead for a
         moment); beyond that, only an epoch that QUORUM_AHEAD peers claim (at least)."""
-        own = self.local_progress.epoch
-        claims = self._claims(peers)
+        own, now = self.local_progress.epoch, get_dht_time()
+        claims, others = self._claims(peers), self._other_trainers(peers)
         self.other_epochs, alone = claims, False
         if len(claims) >= QUORUM_AHEAD:
             supported = claims[QUORUM_AHEAD - 1]
-            alone = claims[0] < own  # nobody else is at our step: we ran ahead alone, and the swarm is elsewhere
+            # nobody else is at our step: we ran ahead alone, and the swarm is elsewhere. Only on records as fresh
+            # as a live peer's: a trainer cut off reads the ones its DHT still holds, frozen where the swarm was
+            # when the link went (one fell back 20 s into a cut, "the swarm is at step 0", and spent the rest of
+            # it trying to download)
+            alone = claims[0] < own and all(p.time >= now - self._fresh_seconds for p in others)
         elif claims:  # one other peer: believe it as far as the time since our step began allows
             supported = self._lone_belief(claims[0])
         else:
             supported = own
-        now = get_dht_time()
         if not self._past_our_step(claims):
             self._behind = None
         elif self._behind is None or self._behind[0] != own:
             self._behind = (own, now)
         if not alone or self._alone_since is None:
             self._alone_since = now if alone else None
-        followed_behind = self._stepped_behind_us(claims if alone else [], peers, now)
+        followed_behind = self._stepped_behind_us(claims if alone else [], others)
         # One step ahead: a shorter wait, as each of our rounds meanwhile pairs with the others' previous step, but
         # only once our step has lasted a matchmaking time (the others step a moment after us when we all finish a
         # step; a trainer that came back from a cut stepped alone as the swarm stepped, and its alone-clock had
@@ -233,22 +237,25 @@ class BoundedProgressTracker(ProgressTracker):
         self.majority_step = supported if alone and (waited or followed_behind) else None
         return max(own + 1, supported)
 
-    def _stepped_behind_us(self, claims: list[int], peers: list[LocalTrainingProgress], now: float) -> bool:
+    def _stepped_behind_us(self, claims: list[int], others: list[LocalTrainingProgress]) -> bool:
         """Whether the other trainers, all behind us (``claims``, empty when not), have stepped since we first saw
         them there and are still behind: they are not about to catch up, they follow their own steps. That is the
         runaway's mark, and it shows across our steps: a healed trainer one step ahead paired each round with the
         others' previous step, all of them stepping together, so none of its steps lasted the matchmaking time the
-        rule above waits for (with tiny.yaml's 3-4 s steps, and the tracker paused during each step). Only records
-        refreshed as often as a live peer refreshes them count: a trainer cut off reads the records its DHT still
-        holds, frozen where the swarm was when the link went."""
-        others, stale = self._other_trainers(peers), now - (self.metadata_expiration / 2 + self.max_refresh_period + 1)
-        if not claims or any(p.time < stale for p in others):
+        rule above waits for (with tiny.yaml's 3-4 s steps, and the tracker paused during each step)."""
+        if not claims:
             self._lead_behind = None
         elif self._lead_behind is None or claims[0] < self._lead_behind[0]:
             self._lead_behind = (claims[0], False)
         elif claims[0] > self._lead_behind[0] and all(p.time >= self._epoch_began for p in others):
             self._lead_behind = (claims[0], True)  # (records from before our step: they may be finishing it with us)
         return self._lead_behind is not None and self._lead_behind[1]
+
+    @property
+    def _fresh_seconds(self) -> float:
+        """How old a live trainer's record can be: it reports every micro-batch and republishes every
+        metadata_expiration / 2 (a trainer blocked in a long round, reporting nothing new, looks stale too)."""
+        return self.metadata_expiration / 2 + self.max_refresh_period + 1.0
 
     def _claims(self, peers: list[LocalTrainingProgress]) -> list[int]:
         """The steps the other trainers claim, largest first."""

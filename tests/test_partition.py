@@ -17,7 +17,12 @@ import pytest
 
 from conftest import TINY, PeerProcesses, report, wait_for_step
 
-CUT = 30  # seconds trainer-1's link is down: longer than a round's averaging timeout (20 s in tiny.yaml)
+# Seconds trainer-1's link is down: longer than a round's averaging timeout (20 s in tiny.yaml). The others' TCP
+# connections to it back off meanwhile (retransmissions 0.2 s, 0.4 s, ... 25.6 s apart): after 30 s their next one
+# can come 21 s after the heal, 5-6 of these 3-4 s steps, and the healed trainer is late (1 of 17 runs on
+# 2026-11-25; the README lists it as not defended). A 24 s cut fared no better: the others' first round after the
+# cut timed out right at the heal, and catching up (noticing, waiting out the step's end, downloading) took as long.
+CUT = 30
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                        reason="cutting a peer's link needs root and iproute2 (network namespaces, ip link)"),
@@ -57,6 +62,7 @@ def healed_swarm(tmp_path_factory):
                         "--report-json", str(work / f"trainer-{t}.json"))
         wait_for_step(peers, "trainer-0", 1)
         rounds_before_cut = len(re.findall(r"Step \d+: averag", peers.log("trainer-1")))
+        swarm_step_at_cut = max(map(int, re.findall(r"Global step (\d+) done", peers.log("trainer-0"))))
         set_link(wan, 2, "down")
         time.sleep(CUT)
         swarm_step_at_cut_end = max(map(int, re.findall(r"Global step (\d+) done", peers.log("trainer-0"))))
@@ -66,20 +72,22 @@ def healed_swarm(tmp_path_factory):
         for name in ("trainer-0", "trainer-1", "trainer-2"):
             peers.procs[name].send_signal(signal.SIGINT)
         codes = {name: peers.procs[name].wait(60) for name in ("trainer-0", "trainer-1", "trainer-2")}
-        yield work, peers, codes, rounds_before_cut, swarm_step_at_cut_end
+        yield work, peers, codes, rounds_before_cut, swarm_step_at_cut, swarm_step_at_cut_end
     left = our_leftovers(wan.tag)
     assert not left, f"namespaces or links left behind: {left}"
 
 
-def test_the_others_train_on_while_the_link_is_cut(healed_swarm):
-    work, peers, codes, _, step_at_heal = healed_swarm
+def test_the_others_train_on(healed_swarm):
+    work, peers, codes, _, step_at_cut, _ = healed_swarm
     assert codes["trainer-0"] == 0 and codes["trainer-2"] == 0, codes
-    rounds = report(work, "trainer-0")["rounds"]
-    assert any(r["outcome"] == "averaged" and r["group_size"] >= 2 for r in rounds if r["step"] <= step_at_heal)
+    for name in ("trainer-0", "trainer-2"):  # past the round the cut broke, they average again (with or without it)
+        rounds = report(work, name)["rounds"]
+        assert any(r["outcome"] == "averaged" and r["group_size"] >= 2 for r in rounds if r["step"] > step_at_cut), \
+            (name, step_at_cut, rounds)
 
 
 def test_the_cut_trainer_is_back_in_sync_within_two_steps(healed_swarm):
-    work, peers, codes, rounds_before_cut, step_at_heal = healed_swarm
+    work, peers, codes, rounds_before_cut, _, step_at_heal = healed_swarm
     assert codes["trainer-1"] == 0, peers.log("trainer-1")[-3000:]
     rounds = report(work, "trainer-1")["rounds"][rounds_before_cut:]
     # while cut off it cannot average: its first round that is not "averaged" is the cut's (a round in flight

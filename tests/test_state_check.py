@@ -289,6 +289,12 @@ def test_others_stepping_while_still_behind_us_means_we_ran_ahead():
     t._believed_epoch([_claim(6), _claim(6, b"b")])
     assert t.majority_step is None
 
+    t = tracker(own_epoch=6)  # far ahead of frozen records: no clock runs on them either
+    t._believed_epoch([_claim(3, age=20.0), _claim(3, b"b", age=20.0)])
+    assert t.majority_step is None and t._alone_since is None
+    t._believed_epoch([_claim(3), _claim(3, b"b")])
+    assert t.majority_step == 3  # (alone_seconds is 0 here)
+
 
 def test_behind_needs_two_peers_past_us_and_half_of_them():
     t = tracker(own_epoch=5)
