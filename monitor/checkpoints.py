@@ -83,35 +83,45 @@ class StatePuller:
 
 
 class Checkpointer(threading.Thread):
-    """Saves a checkpoint once the swarm's step (from ``step_source``) reaches the last saved step + ``every``."""
+    """Saves a checkpoint once the swarm's step (from ``step_source``) reaches the last saved step + ``every``.
+    After an attempt that saved nothing (no newer state, a refused or broken download) it waits ``retry_after``
+    seconds, doubling with each such attempt in a row up to ``max_retry_after``: every attempt downloads the whole
+    state from a trainer, which for a real model is gigabytes."""
 
     def __init__(self, puller: StatePuller, store: CheckpointStore, *, every: int,
                  step_source: Callable[[], Optional[int]], stop: threading.Event, poll: float = 1.0,
-                 retry_after: float = 5.0):
+                 retry_after: float = 5.0, max_retry_after: float = 120.0):
         super().__init__(name="checkpointer", daemon=True)
         self.puller, self.store, self.every, self.step_source = puller, store, every, step_source
-        self.stop_event, self.poll, self.retry_after = stop, poll, retry_after
+        self.stop_event, self.poll = stop, poll
+        self.retry_after, self.max_retry_after = retry_after, max_retry_after
         self.status = _status_on_disk(store)
 
     def current_status(self) -> CheckpointStatus:
         return self.status
 
     def run(self) -> None:
-        retry_at = 0.0
+        retry_at, misses = 0.0, 0
         while not self.stop_event.wait(self.poll):
             step = self.step_source()
             last_saved = self.status.step or 0
             if step is None or step < last_saved + self.every or time.monotonic() < retry_at:
                 continue
             try:
-                if not self.checkpoint_once():
-                    retry_at = time.monotonic() + self.retry_after
+                saved = self.checkpoint_once()
             except Exception as error:  # noqa: BLE001 - one bad round must not end the monitor
                 message = str(error) if isinstance(error, CheckpointError) else f"{type(error).__name__}: {error}"
                 logger.error("Checkpoint failed: %s", message)
                 self.status = CheckpointStatus(self.status.step, self.status.eval_loss, self.status.eval_perplexity,
                                                self.status.failures + 1)
-                retry_at = time.monotonic() + self.retry_after
+                saved = False
+            misses = 0 if saved else misses + 1
+            if misses:
+                retry_at = time.monotonic() + self.retry_delay(misses)
+
+    def retry_delay(self, misses: int) -> float:
+        """Seconds to wait after ``misses`` attempts in a row that saved nothing."""
+        return min(self.retry_after * 2 ** min(misses - 1, 30), self.max_retry_after)
 
     def checkpoint_once(self) -> bool:
         """Pull, check, evaluate, save. False when no peer had newer state than the last checkpoint."""

@@ -253,8 +253,9 @@ class BoundedProgressTracker(ProgressTracker):
 
     @property
     def _fresh_seconds(self) -> float:
-        """How old a live trainer's record can be: it reports every micro-batch and republishes every
-        metadata_expiration / 2 (a trainer blocked in a long round, reporting nothing new, looks stale too)."""
+        """How old a record's ``time`` may be for it to show where a live trainer is. ``time`` is the trainer's last
+        report (one per micro-batch), kept as it was when the record is republished; a trainer blocked in a long
+        round looks stale as well, and the rules that use this then wait for fresher records."""
         return self.metadata_expiration / 2 + self.max_refresh_period + 1.0
 
     def _claims(self, peers: list[LocalTrainingProgress]) -> list[int]:

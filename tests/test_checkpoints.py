@@ -231,3 +231,37 @@ def test_evaluation_is_token_weighted_and_restores_training_mode():
     assert result.loss == pytest.approx(expected, rel=1e-5) and result.tokens == 3 * 4 * 15
     assert result.perplexity == pytest.approx(torch.tensor(expected).exp().item(), rel=1e-5)
     assert evaluate(model, [], step=5) is None
+
+
+def test_a_monitor_that_saves_nothing_backs_off(tmp_path, monkeypatch):
+    """Each checkpoint attempt downloads the whole state: after attempts that saved nothing (no newer state, or one
+    refused) the monitor waits twice as long each time, up to a bound, and at once resumes its pace after a save."""
+    import types
+
+    from monitor import checkpoints
+
+    clock, attempts, saves = [0.0], [], iter([False] * 7 + [True, False])
+
+    class Stop:  # one poll per wait, on a clock of our own; stops after 1,000 polls
+        polls = 0
+
+        def wait(self, poll):
+            clock[0] += poll
+            self.polls += 1
+            return self.polls > 1000
+
+    def checkpoint_once():
+        attempts.append(clock[0])
+        if next(saves, False):
+            checkpointer.status = checkpoints.CheckpointStatus(step=1)
+            return True
+        return False
+
+    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: clock[0])
+    checkpointer = checkpoints.Checkpointer(None, types.SimpleNamespace(latest=lambda: None), every=1,
+                                            step_source=lambda: 5, stop=Stop(), poll=1.0, retry_after=5.0,
+                                            max_retry_after=60.0)
+    checkpointer.checkpoint_once = checkpoint_once
+    checkpointer.run()
+    gaps = [round(b - a) for a, b in zip(attempts, attempts[1:])]
+    assert gaps[:9] == [5, 10, 20, 40, 60, 60, 60, 1, 5], gaps  # (the save at the 8th: the next one a poll later)
