@@ -191,12 +191,21 @@ class _VerifiedDownload(DecentralizedAverager):
             if message.metadata:
                 metadata = self.serializer.loads(message.metadata)
             if message.tensor_part.dtype and parts:  # a dtype marks the start of the next tensor
-                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                tensors.append(_tensor_from(parts, len(tensors)))
                 parts = []
             parts.append(message.tensor_part)
         if parts:
-            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+            tensors.append(_tensor_from(parts, len(tensors)))
         return metadata, tensors
+
+
+def _tensor_from(parts: list, index: int) -> torch.Tensor:
+    """One tensor of a downloaded state from its streamed parts; a stream that broke off mid-tensor (seen as
+    torch's "shape '[1024, 256]' is invalid for input of size 98304") says so."""
+    try:
+        return deserialize_torch_tensor(combine_from_streaming(parts))
+    except Exception as error:
+        raise ValueError(f"tensor {index} arrived incomplete or malformed ({error})") from None
 
 
 def _settle(future: MPFuture, result: Any) -> None:

@@ -432,3 +432,14 @@ def test_a_peer_out_of_sync_publishes_its_progress_once_it_has_trained():
         for t in trackers:
             t.shutdown(timeout=5)
         dht.shutdown()
+
+
+def test_a_state_stream_that_breaks_off_mid_tensor_says_so():
+    from hivemind.compression import serialize_torch_tensor
+    from hivemind.utils.streaming import split_for_streaming
+    from swarm.state import _tensor_from
+
+    parts = list(split_for_streaming(serialize_torch_tensor(torch.arange(4096.0)), 4096))
+    assert len(parts) > 1 and torch.equal(_tensor_from(parts, 0), torch.arange(4096.0))
+    with pytest.raises(ValueError, match="tensor 3 arrived incomplete or malformed"):
+        _tensor_from(parts[:-1], 3)
