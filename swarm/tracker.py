@@ -207,14 +207,15 @@ class BoundedProgressTracker(ProgressTracker):
         moment); beyond that, only an epoch that QUORUM_AHEAD peers claim (at least)."""
         own, now = self.local_progress.epoch, get_dht_time()
         claims, others = self._claims(peers), self._other_trainers(peers)
-        self.other_epochs, alone = claims, False
+        self.other_epochs, ahead, alone = claims, False, False
         if len(claims) >= QUORUM_AHEAD:
             supported = claims[QUORUM_AHEAD - 1]
-            # nobody else is at our step: we ran ahead alone, and the swarm is elsewhere. Only on records as fresh
-            # as a live peer's: a trainer cut off reads the ones its DHT still holds, frozen where the swarm was
-            # when the link went (one fell back 20 s into a cut, "the swarm is at step 0", and spent the rest of
-            # it trying to download)
-            alone = claims[0] < own and all(p.time >= now - self._fresh_seconds for p in others)
+            # nobody else is at our step: we ran ahead alone, and the swarm is elsewhere. The clock below runs only
+            # on records as fresh as a live peer's: a trainer cut off reads the ones its DHT still holds, frozen
+            # where the swarm was when the link went (one fell back 20 s into a cut, "the swarm is at step 0", and
+            # spent the rest of it trying to download)
+            ahead = claims[0] < own
+            alone = ahead and all(p.time >= now - self._fresh_seconds for p in others)
         elif claims:  # one other peer: believe it as far as the time since our step began allows
             supported = self._lone_belief(claims[0])
         else:
@@ -225,7 +226,7 @@ class BoundedProgressTracker(ProgressTracker):
             self._behind = (own, now)
         if not alone or self._alone_since is None:
             self._alone_since = now if alone else None
-        followed_behind = self._stepped_behind_us(claims if alone else [], others)
+        followed_behind = self._stepped_behind_us(claims if ahead else [], others)
         # One step ahead: a shorter wait, as each of our rounds meanwhile pairs with the others' previous step, but
         # only once our step has lasted a matchmaking time (the others step a moment after us when we all finish a
         # step; a trainer that came back from a cut stepped alone as the swarm stepped, and its alone-clock had
@@ -234,7 +235,7 @@ class BoundedProgressTracker(ProgressTracker):
         wait = self.alone_seconds if far else min(self.alone_seconds, ONE_AHEAD_STEPS * self.min_step_seconds)
         settled = far or now - self._epoch_began >= self.min_step_seconds
         waited = alone and settled and now - self._alone_since >= wait
-        self.majority_step = supported if alone and (waited or followed_behind) else None
+        self.majority_step = supported if waited or followed_behind else None
         return max(own + 1, supported)
 
     def _stepped_behind_us(self, claims: list[int], others: list[LocalTrainingProgress]) -> bool:
@@ -242,7 +243,10 @@ class BoundedProgressTracker(ProgressTracker):
         them there and are still behind: they are not about to catch up, they follow their own steps. That is the
         runaway's mark, and it shows across our steps: a healed trainer one step ahead paired each round with the
         others' previous step, all of them stepping together, so none of its steps lasted the matchmaking time the
-        rule above waits for (with tiny.yaml's 3-4 s steps, and the tracker paused during each step)."""
+        rule above waits for (with tiny.yaml's 3-4 s steps, and the tracker paused during each step). Where we first
+        saw them may be a record its trainer has not refreshed for a while (one waiting out a round for us, or one
+        frozen in our DHT while we were cut off); that they stepped and are still behind is read from records they
+        published after our own step began: no peer in our last round reports our previous step after it."""
         if not claims:
             self._lead_behind = None
         elif self._lead_behind is None or claims[0] < self._lead_behind[0]:
@@ -286,6 +290,12 @@ class BoundedProgressTracker(ProgressTracker):
         peer, have claimed steps past ``epoch``, as last seen while we were at ``epoch``; None if they do not."""
         behind = self._behind
         return behind[1] if behind is not None and behind[0] == epoch else None
+
+    def only_one_past(self, epoch: int) -> bool:
+        """Whether, in the last refresh, exactly one other trainer was past ``epoch`` while another was at it: a
+        lone peer ahead, which the others do not follow (it comes back to them, see ``majority_step``)."""
+        claims = self.other_epochs
+        return len(claims) >= QUORUM_AHEAD and sum(c > epoch for c in claims) == 1 and epoch in claims
 
     def past_our_step(self, records: list[LocalTrainingProgress]) -> bool:
         """``behind_since``'s rule on records read from the DHT by the caller: hivemind pauses our refreshes for

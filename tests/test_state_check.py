@@ -282,10 +282,13 @@ def test_others_stepping_while_still_behind_us_means_we_ran_ahead():
 
     t = tracker(own_epoch=6)  # a trainer cut off reads the records its DHT still holds, frozen
     t.alone_seconds = 30.0
-    t._epoch_began = get_dht_time()
+    t._epoch_began = get_dht_time() - 1.0
     t._believed_epoch([_claim(4, age=20.0), _claim(4, b"b", age=20.0)])
-    t._believed_epoch([_claim(5), _claim(5, b"b")])  # the link is back: where the swarm is now
-    assert t.majority_step is None  # a stale record is no step of theirs seen
+    assert t.majority_step is None
+    t._believed_epoch([_claim(5, age=2.0), _claim(5, b"b", age=2.0)])  # the link is back: where the swarm is now
+    assert t.majority_step is None  # (but from before our step began: they may be stepping to ours)
+    t._believed_epoch([_claim(5), _claim(5, b"b")])
+    assert t.majority_step == 5  # they stepped while we were away, and work on a step we are done with
     t._believed_epoch([_claim(6), _claim(6, b"b")])
     assert t.majority_step is None
 
@@ -294,6 +297,21 @@ def test_others_stepping_while_still_behind_us_means_we_ran_ahead():
     assert t.majority_step is None and t._alone_since is None
     t._believed_epoch([_claim(3), _claim(3, b"b")])
     assert t.majority_step == 3  # (alone_seconds is 0 here)
+
+
+def test_a_lone_peer_one_step_past_us_is_not_followed():
+    """hivemind's once-a-step sync check follows any peer one step ahead; with another trainer at our step, the
+    one ahead is the runaway, and it comes back to us (a healed trainer and the two it had paired with once swapped
+    steps, each side downloading the other's state in the same second)."""
+    t = tracker(own_epoch=5)
+    t._believed_epoch([_claim(6), _claim(5, b"b")])
+    assert t.only_one_past(5)
+    t._believed_epoch([_claim(6), _claim(6, b"b")])
+    assert not t.only_one_past(5)  # the swarm stepped: follow it
+    t._believed_epoch([_claim(6), _claim(4, b"b")])
+    assert not t.only_one_past(5)  # nobody with us at our step
+    t._believed_epoch([_claim(6)])
+    assert not t.only_one_past(5)  # one other trainer: the lone-partner rules apply
 
 
 def test_behind_needs_two_peers_past_us_and_half_of_them():
