@@ -131,9 +131,12 @@ class SwarmOptimizer(hivemind.Optimizer):
             return True
         if self.local_epoch > self.tracker.global_epoch:  # a view fetched before our own download, or peers that
             return False  # have yet to step: nobody has a newer state (hivemind re-downloaded ours, dropping a round)
-        if self.tracker.only_one_past(self.local_epoch):  # hivemind's once-a-step exact check would follow a lone
-            return False  # peer ahead: a healed runaway and the two others it had paired with swapped steps, each
-        return super()._should_load_state_from_peers()  # side downloading the other's state in the same second
+        # hivemind's once-a-step exact check follows any peer one step ahead, a lone runaway too: a healed trainer
+        # and the two others it had paired with swapped steps, each side downloading the other's state in the same
+        # second. The runaway comes back to us instead (_ran_ahead_alone).
+        if self.tracker.only_one_past(self.local_epoch):
+            return False
+        return super()._should_load_state_from_peers()
 
     def _ran_ahead_alone(self) -> int | None:
         """The step the swarm is at, when this peer stepped alone past it (its peers do not follow a lone peer:
