@@ -19,7 +19,7 @@ from conftest import TINY, PeerProcesses, report, wait_for_step
 
 # Seconds trainer-1's link is down: longer than a round's averaging timeout (20 s in tiny.yaml). The others' TCP
 # connections to it back off meanwhile (retransmissions 0.2 s, 0.4 s, ... 25.6 s apart): after 30 s their next one
-# can come 21 s after the heal, 5-6 of these 3-4 s steps, and the healed trainer is late (1 of 17 runs on
+# can come 21 s after the heal, 5-6 of these 3-4 s steps, and the healed trainer is late (1 of 36 runs on
 # 2026-11-25; the README lists it as not defended). A 24 s cut fared no better: the others' first round after the
 # cut timed out right at the heal, and catching up (noticing, waiting out the step's end, downloading) took as long.
 CUT = 30
