@@ -292,10 +292,11 @@ class BoundedProgressTracker(ProgressTracker):
         return behind[1] if behind is not None and behind[0] == epoch else None
 
     def only_one_past(self, epoch: int) -> bool:
-        """Whether, in the last refresh, exactly one other trainer was past ``epoch`` while another was at it: a
-        lone peer ahead, which the others do not follow (it comes back to them, see ``majority_step``)."""
+        """Whether, in the last refresh, exactly one of two or more other trainers was past ``epoch``: a lone peer
+        ahead, which the others do not follow (it comes back to them, see ``majority_step``). The others may show
+        a step behind ours: right after a round, a partner's record can still be at the step before."""
         claims = self.other_epochs
-        return len(claims) >= QUORUM_AHEAD and sum(c > epoch for c in claims) == 1 and epoch in claims
+        return len(claims) >= QUORUM_AHEAD and sum(c > epoch for c in claims) == 1
 
     def past_our_step(self, records: list[LocalTrainingProgress]) -> bool:
         """``behind_since``'s rule on records read from the DHT by the caller: hivemind pauses our refreshes for

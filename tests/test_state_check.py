@@ -309,7 +309,7 @@ def test_a_lone_peer_one_step_past_us_is_not_followed():
     t._believed_epoch([_claim(6), _claim(6, b"b")])
     assert not t.only_one_past(5)  # the swarm stepped: follow it
     t._believed_epoch([_claim(6), _claim(4, b"b")])
-    assert not t.only_one_past(5)  # nobody with us at our step
+    assert t.only_one_past(5)  # (the other's record from before our round: seen right after one)
     t._believed_epoch([_claim(6)])
     assert not t.only_one_past(5)  # one other trainer: the lone-partner rules apply
 
