@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from forked import ForkedPeer, start_peer
+
 # Every test runs several peers on a 2-core machine: one compute thread each. With torch's default (a thread per
 # core) the peers' threads contend for the 2 cores: test_swarm.py took 157 s and 241 s of CPU, 135 s and 197 s
 # with one thread. Set before torch is imported here, and inherited by every process a test starts.
@@ -28,13 +30,21 @@ class PeerProcesses:
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen | ForkedPeer] = {}
         self.seen: dict[int, psutil.Process] = {}
 
-    def start(self, name: str, *args: str, new_session: bool = False) -> subprocess.Popen:
-        """Start ``swarm ARGS`` as process ``name`` (its output goes to NAME.log); ``new_session``: in a process
-        group of its own (so a test can kill the group)."""
-        return self.start_program(name, [sys.executable, "-m", "peers.cli", *args], new_session=new_session)
+    def start(self, name: str, *args: str, new_session: bool = False) -> ForkedPeer:
+        """Start ``swarm ARGS`` as process ``name`` (its output goes to NAME.log), forked with the stack already
+        imported (tests/forked.py); ``new_session``: in a process group of its own (so a test can kill the group)."""
+        proc = start_peer(list(args), self.workdir / f"{name}.log", new_session=new_session)
+        self.procs[name] = proc
+        return proc
+
+    def start_script(self, name: str, script: Path, *args: str) -> ForkedPeer:
+        """Start ``python SCRIPT ARGS`` (a test's own peer program), forked like ``start``."""
+        proc = start_peer(list(args), self.workdir / f"{name}.log", script=script)
+        self.procs[name] = proc
+        return proc
 
     def start_program(self, name: str, argv: list[str], new_session: bool = False) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "w")
@@ -123,7 +133,8 @@ def metric(url: str, name: str) -> float:
 
 
 def swarm_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``swarm ARGS`` to completion (for commands expected to exit by themselves)."""
+    """Run ``swarm ARGS`` to completion (for commands expected to exit by themselves), in a fresh interpreter as a
+    user runs it: most such commands answer before the stack is imported, which a fork would hide."""
     return subprocess.run([sys.executable, "-m", "peers.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
 

@@ -10,12 +10,12 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from conftest import TINY, PeerProcesses, report, wait_for_step
+from forked import start_peer
 
 # Seconds trainer-1's link is down: longer than a round's averaging timeout (20 s in tiny.yaml). The others' TCP
 # connections to it back off meanwhile (retransmissions 0.2 s, 0.4 s, ... 25.6 s apart): after 30 s their next one
@@ -38,8 +38,10 @@ class NamespacedPeers(PeerProcesses):
         self.wan = wan
 
     def start(self, name: str, i: int, *args: str) -> None:
-        argv = [sys.executable, "-m", "peers.cli", *args, "--host", self.wan.address(i)]
-        self.procs[name] = self.wan.popen(i, argv, log=self.workdir / f"{name}.log")
+        proc = start_peer([*args, "--host", self.wan.address(i)], self.workdir / f"{name}.log", new_session=True,
+                          netns=self.wan.namespace(i))
+        self.wan.procs.append(proc)  # the Wan stops its process group
+        self.procs[name] = proc
 
 
 def set_link(wan, i: int, state: str) -> None:

@@ -214,10 +214,9 @@ def test_intruders_cannot_read_the_dht_average_or_download_state(swarm):
         assert time.monotonic() < deadline and procs.procs["alice"].poll() is None, procs.log("alice")[-3000:]
         time.sleep(0.5)
     out = work / "probes.json"
-    procs.start_program("intruder", [sys.executable, str(Path(__file__)), "--seed", swarm.seed[0], "--target",
-                                     alice[0], "--run-id", "tiny", "--out", str(out),
-                                     *[f"--token-{mode}={swarm.tokens[name]}" for mode, name in
-                                       (("member", "carol"), ("expired", "expired"), ("stranger", "stranger"))]])
+    procs.start_script("intruder", Path(__file__), "--seed", swarm.seed[0], "--target", alice[0], "--run-id", "tiny",
+                       "--out", str(out), *[f"--token-{mode}={swarm.tokens[name]}" for mode, name in
+                                            (("member", "carol"), ("expired", "expired"), ("stranger", "stranger"))])
     assert procs.wait("intruder", TRAINER_TIMEOUT) == 0, procs.log("intruder")[-3000:]
     probes = json.loads(out.read_text())
     member = probes.pop("member")  # the control: the same probes work for a member

@@ -17,7 +17,6 @@ import math
 import shutil
 import subprocess
 import socket
-import sys
 import urllib.parse
 import urllib.request
 import re
@@ -52,9 +51,8 @@ def swarm_run(tmp_path_factory):
     try:
         procs.start("seed", "seed", "--config", TINY, "--addr-file", str(work / "seed.addr"))
         seed_addrs = procs.wait_file(work / "seed.addr", "seed")
-        procs.start_program("adversary", [sys.executable, str(ROOT / "tests" / "adversary.py"), *seed_addrs,
-                                          "--out", str(work / "adversary.json"), "--lie-progress", "--forge",
-                                          "--serve-foreign-state"])
+        procs.start_script("adversary", ROOT / "tests" / "adversary.py", *seed_addrs, "--out",
+                           str(work / "adversary.json"), "--lie-progress", "--forge", "--serve-foreign-state")
         for i in range(3):  # trainer-2 trains on until the late joiner is done (a joiner can take a minute to
             limit = ["--max-steps", str(STEPS)] if i < 2 else []  # start on a loaded machine)
             procs.start(f"trainer-{i}", "join", *seed_addrs, *limit, "--wait-for-peers", "3",
@@ -387,9 +385,8 @@ def test_seed_resumes_a_swarm_from_a_checkpoint(swarm_run, tmp_path):
         addrs = procs.wait_file(tmp_path / "seed.addr", "seed")
         # before any trainer publishes a digest, a donor offering another model at the checkpoint's step, ranked
         # above the seed: only the seed's signed digest of its checkpoint can tell the joiners which state is right
-        procs.start_program("adversary", [sys.executable, str(ROOT / "tests" / "adversary.py"), *addrs, "--out",
-                                          str(tmp_path / "adversary.json"), "--serve-foreign-state",
-                                          "--claim-step", str(step)])
+        procs.start_script("adversary", ROOT / "tests" / "adversary.py", *addrs, "--out",
+                           str(tmp_path / "adversary.json"), "--serve-foreign-state", "--claim-step", str(step))
         adversary = json.loads(procs.wait_file(tmp_path / "adversary.json", "adversary", timeout=120)[0])["peer_id"]
         for i in range(2):
             procs.start(f"trainer-{i}", "join", *addrs, "--max-steps", "1", "--wait-for-peers", "2",
