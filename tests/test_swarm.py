@@ -38,7 +38,7 @@ from swarm.progress import read_trainer_records
 
 pytestmark = pytest.mark.timeout(900)  # one module-wide swarm; slow on a loaded 2-core machine
 STEPS = 8  # trainer-0 and trainer-1; enough for 30 s of Prometheus scrapes and two checkpoints
-LATE_STEPS = 3
+LATE_STEPS = 5  # room for a catch-up download and the two rounds after it
 CHECKPOINT_EVERY = 4
 _OPTIMIZER = load_config(TINY).optimizer
 LR, WARMUP, TOTAL = _OPTIMIZER.lr, _OPTIMIZER.warmup_steps, _OPTIMIZER.total_steps  # the schedule, recomputed below
@@ -218,11 +218,16 @@ def test_late_joiner_downloads_state_through_a_trainer(swarm_run):
     late = report(work, "late")
     assert late["start_step"] >= 2, "the late joiner should start from the swarm's step, not from 0"
     assert late["final_step"] - late["start_step"] >= LATE_STEPS
-    # in sync within one global step, and its next round with the swarm (issue 4, item 3): the step it joins at
-    # may end while its download lands (then it steps alone once); the round after that is averaged (partial: a
-    # reducer's stream that broke off, which hivemind reports as such, see README)
-    second = late["rounds"][1]
-    assert second["outcome"] in ("averaged", "partial") and second["group_size"] >= 2, late["rounds"]
+    # in sync, and averaging with the swarm (issue 4, item 3). The step it joins at may end while its download lands
+    # (it is behind: skipped, and it downloads again); a download can also land too late in a step to join that
+    # step's round (tiny.yaml's 4 s steps are shorter than a 3 s download plus a 3 s matchmaking; it then steps
+    # alone once: failed). From the round after that on, every round is averaged (partial: a reducer's stream that
+    # broke off, which hivemind reports as such, see README).
+    rounds = late["rounds"]
+    caught_up = max((k for k, r in enumerate(rounds) if r["outcome"] == "skipped"), default=-1) + 1
+    assert caught_up <= 2 and len(rounds) >= caught_up + 2, rounds
+    for round_ in rounds[caught_up + 1:]:
+        assert round_["outcome"] in ("averaged", "partial") and round_["group_size"] >= 2, rounds
     assert "Joined swarm 'tiny'" in procs.log("late")
     for name, tensor in load_file(work / "late-model" / "model.safetensors").items():
         assert torch.isfinite(tensor).all(), name
