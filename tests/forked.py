@@ -106,8 +106,6 @@ def _run(args: list[str], log: str, new_session: bool, netns: str | None, script
     run it."""
     multiprocessing.set_start_method(None, force=True)  # unset, as in a new interpreter (the server forced its own)
     _restore_pythonpath()
-    if "forked_preload" not in sys.modules:
-        raise RuntimeError("the forkserver did not import tests/forked_preload.py: peers would import the stack again")
     if new_session:
         os.setsid()
     if netns:
@@ -118,6 +116,8 @@ def _run(args: list[str], log: str, new_session: bool, netns: str | None, script
     os.close(fd)
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True, write_through=True)  # as PYTHONUNBUFFERED=1 makes them
+    if "forked_preload" not in sys.modules:
+        raise RuntimeError("the forkserver did not import tests/forked_preload.py: peers would import the stack again")
     os.environ["PYTHONUNBUFFERED"] = "1"  # for the processes it starts in turn
     os.chdir(ROOT)
     sys.argv = [script or str(ROOT / "peers" / "cli.py"), *args]
