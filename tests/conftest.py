@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import psutil
 import pytest
@@ -36,13 +37,15 @@ class PeerProcesses:
     def start(self, name: str, *args: str, new_session: bool = False) -> ForkedPeer:
         """Start ``swarm ARGS`` as process ``name`` (its output goes to NAME.log), forked with the stack already
         imported (tests/forked.py); ``new_session``: in a process group of its own (so a test can kill the group)."""
-        proc = start_peer(list(args), self.workdir / f"{name}.log", new_session=new_session)
-        self.procs[name] = proc
-        return proc
+        return self.start_forked(name, args, new_session=new_session)
 
     def start_script(self, name: str, script: Path, *args: str) -> ForkedPeer:
         """Start ``python SCRIPT ARGS`` (a test's own peer program), forked like ``start``."""
-        proc = start_peer(list(args), self.workdir / f"{name}.log", script=script)
+        return self.start_forked(name, args, script=script)
+
+    def start_forked(self, name: str, args: Sequence[str], **options) -> ForkedPeer:
+        """``forked.start_peer`` with NAME.log, remembered as process ``name``."""
+        proc = start_peer(list(args), self.workdir / f"{name}.log", **options)
         self.procs[name] = proc
         return proc
 

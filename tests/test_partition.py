@@ -15,7 +15,6 @@ import time
 import pytest
 
 from conftest import TINY, PeerProcesses, report, wait_for_step
-from forked import start_peer
 
 # Seconds trainer-1's link is down: longer than a round's averaging timeout (20 s in tiny.yaml). The others' TCP
 # connections to it back off meanwhile (retransmissions 0.2 s, 0.4 s, ... 25.6 s apart): after 30 s their next one
@@ -38,10 +37,9 @@ class NamespacedPeers(PeerProcesses):
         self.wan = wan
 
     def start(self, name: str, i: int, *args: str) -> None:
-        proc = start_peer([*args, "--host", self.wan.address(i)], self.workdir / f"{name}.log", new_session=True,
-                          netns=self.wan.namespace(i))
+        proc = self.start_forked(name, [*args, "--host", self.wan.address(i)], new_session=True,
+                                 netns=self.wan.namespace(i))
         self.wan.procs.append(proc)  # the Wan stops its process group
-        self.procs[name] = proc
 
 
 def set_link(wan, i: int, state: str) -> None:
