@@ -114,6 +114,22 @@ class PeerProcesses:
         return [p for p in self.seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_mpfuture_locks():
+    """Give each test module fresh copies of hivemind's cross-process MPFuture locks.
+
+    A DHT or averager started inside this pytest process is forked from it and shares those locks (module-level
+    ``mp.Lock``s) with every later one. A child terminated while it holds one (``DecentralizedAverager.shutdown``
+    sends SIGTERM after its grace period) leaves it held for good: every DHT or averager started after that hangs
+    in ``wait_until_ready``, and one module's bad exit made every later module time out. Peers forked from
+    tests/forked.py are not affected (the forkserver imported hivemind itself). Reset between modules, when no
+    child forked from here is meant to be running any more; a module's own children keep the locks they had."""
+    mpfuture = sys.modules.get("hivemind.utils.mpfuture")
+    if mpfuture is not None:
+        mpfuture.MPFuture.reset_backend()
+    yield
+
+
 @pytest.fixture
 def peers(tmp_path):
     procs = PeerProcesses(tmp_path)
