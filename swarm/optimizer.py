@@ -20,7 +20,7 @@ import time
 import weakref
 from concurrent.futures import CancelledError, InvalidStateError
 from functools import partial
-from typing import Iterable
+from typing import Callable, Iterable
 
 import hivemind
 import torch
@@ -45,6 +45,7 @@ FALLBACK_RETRY_SECONDS = 30.0  # after failing to fetch the swarm's state, a pee
 STALE_ROUND_POLL_SECONDS = 1.0  # how often a trainer checks whether its parameter round has been left behind
 PROGRESS_READ_SECONDS = 5.0  # (the check's DHT read; a DHT process that is gone would never answer)
 PROGRESS_READ_REUSE_SECONDS = STALE_ROUND_POLL_SECONDS / 2  # one DHT read serves all the checks of a poll
+JOIN_MARGIN_SECONDS = 1.0  # a round joined during a download must have this long left to find its group
 
 
 class _RemembersLastRound(DecentralizedAverager):
@@ -63,6 +64,27 @@ class _RemembersLastRound(DecentralizedAverager):
         return control
 
 
+class _SwarmGradientAverager(GradientAverager):
+    """hivemind's gradient averager, with two changes:
+
+    - every round gathers the step it is for (``round_epoch``, set by the optimizer), so a peer can tell which
+      step's round its group was in (see ``SwarmOptimizer._join_the_round_while_downloading``);
+    - it downloads no state. No trainer shares its gradients (``allow_state_sharing=False``), yet hivemind's
+      optimizer asks it to download after every state download: that read the gradient averagers' unsigned donor
+      registry from the DHT for nothing (and said "could not load state from peers" at INFO); had anyone listed
+      itself there, the newcomer would have downloaded whatever it served, unchecked, and dropped it."""
+
+    round_epoch: Callable[[], int] | None = None
+
+    def schedule_step(self, scheduled_time=None, **kwargs) -> StepControl:
+        if "gather" not in kwargs and self.round_epoch is not None:
+            kwargs["gather"] = self.round_epoch()
+        return super().schedule_step(scheduled_time, **kwargs)
+
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None):
+        return None
+
+
 class SwarmOptimizer(hivemind.Optimizer):
     leaving: threading.Event | None = None  # set once the peer is leaving (the trainer's stop event)
 
@@ -77,10 +99,13 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._joined = False
         self._fallback_retry_at = 0.0
         self._grads_in_averager = False  # our gradients are in the averager for a round that began
+        self._joined_round: tuple[StepControl, int] | None = None  # (round, step) joined with weight 0 to download
         self._stop_watching, self._stale_watch = threading.Event(), None
         self._first_seen: dict[bytes, tuple[int, float]] = {}  # trainer -> (epoch, its record's time when first seen)
         self._progress_read: tuple[float, tuple] = (-math.inf, ())  # (when, what) of the last _other_progress read
         super().__init__(**kwargs)
+        this = weakref.ref(self)  # (the optimizer must stay collectable: see _watch_for_stale_rounds)
+        self.grad_averager.round_epoch = lambda: this().local_epoch
         self._stale_watch = threading.Thread(target=_watch_for_stale_rounds, args=(weakref.ref(self),
                                              self._stop_watching), daemon=True, name="stale-round-watch")
         self._stale_watch.start()
@@ -95,6 +120,8 @@ class SwarmOptimizer(hivemind.Optimizer):
             self.scheduled_grads = None
         if self.scheduled_state is not None and self.scheduled_state.done():
             self.scheduled_state = None
+        if self._joined_round is not None and _looking_for_group(self._joined_round[0]):
+            _cancel(self._joined_round[0])
         super().shutdown()
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
@@ -168,13 +195,17 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self._joined:
             self.call_off_lonely_round(grace=0.0, why="downloading the swarm's state instead")
             self._drop_ungrouped_gradient_round()
+        self._joined_round = None  # (one joined for an earlier download: over or winding down by itself)
         if majority is not None:
             logger.warning("This peer stepped alone to step %d while the swarm is at step %d; taking the swarm's "
                            "state", behind_at, majority)
             self.state_averager.local_epoch = majority  # (hivemind refuses a state older than our own epoch)
         else:
-            self._wait_for_the_step_boundary()
+            if not self._join_the_round_while_downloading():
+                self._wait_for_the_step_boundary()
+                self._join_the_round_while_downloading()
         super().load_state_from_peers(**kwargs)
+        self._step_with_the_joined_round()
         if self._joined and self.state_averager.loaded_from is None:  # no verified state: not again at once
             self._fallback_retry_at = time.monotonic() + FALLBACK_RETRY_SECONDS
         if majority is not None and self.state_averager.loaded_from is None:  # keep ours
@@ -188,7 +219,8 @@ class SwarmOptimizer(hivemind.Optimizer):
             self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
         if self._joined:  # mid-run: the gradients this peer accumulated were dropped
             where = "ran ahead of the swarm alone" if majority is not None else "fell behind the swarm"
-            got = (f"downloaded its state at step {self.local_epoch}" if self.state_averager.loaded_from is not None
+            got = (f"downloaded its state at step {self.state_averager.loaded_epoch}"
+                   if self.state_averager.loaded_from is not None
                    else "no peer served a state that passed the checks")
             self._record("skipped", 1, f"{where}; {got}", step=behind_at)
         if self.state_averager.loaded_from is not None:
@@ -218,6 +250,65 @@ class SwarmOptimizer(hivemind.Optimizer):
         deadline = time.monotonic() + max(due, 0.0) + self.averaging_timeout
         while tracker.global_epoch <= epoch and time.monotonic() < deadline and quorum_at_step():
             time.sleep(0.1)
+
+    def _join_the_round_while_downloading(self) -> bool:
+        """Before a download that would land within a matchmaking time of the end of the swarm's step: join that
+        step's gradient round now, with weight 0 (we have no gradients for it), so that its group forms while the
+        state downloads. The round brings the swarm's averaged gradients for the step the download brings; once the
+        state has landed, the peer takes the step with them and is at the swarm's next step, in sync
+        (``_step_with_the_joined_round``), instead of looking for the step's group after the download, when it has
+        formed without us. Seen: a newcomer whose 3 s download landed 1 s before the end of a 4 s step (tiny.yaml)
+        stepped alone once. Returns whether it joined; only while two other trainers are at the step (as
+        ``_wait_for_the_step_boundary``).
+
+        The round declares itself due at the step's end or a matchmaking time from now, whichever is later: after
+        the others, who began looking earlier, so that it joins their group rather than lead one of its own. It
+        gives up a moment after that, and what it brings is used only if its group gathered this step: rounds
+        carry no step, and one still looking once the swarm has stepped could fall into the next step's round."""
+        tracker = self.tracker
+        if self.use_local_updates or self.auxiliary or not self.use_gradient_averaging:
+            return False
+        lead = self.matchmaking_time + (self.state_averager.download_seconds or self.matchmaking_time)
+        epoch, eta, now = tracker.global_epoch, tracker.global_progress.eta_next_epoch, get_dht_time()
+        if not JOIN_MARGIN_SECONDS < eta - now <= lead or \
+                sum(claim >= epoch for claim in tracker.other_epochs) < QUORUM_AHEAD:
+            return False
+        scheduled = max(eta, now + self.matchmaking_time)
+        control = self.grad_averager.schedule_step(scheduled_time=scheduled, gather=epoch, allow_retries=False,
+                                                   timeout=scheduled - now + JOIN_MARGIN_SECONDS)
+        control.weight = 0.0
+        control.allow_allreduce()  # (runs as soon as the group forms: nobody waits for our download)
+        self._joined_round = control, epoch
+        logger.debug("Joined the swarm's round for step %d (due in %.1f s) before downloading its state", epoch,
+                     eta - now)
+        return True
+
+    def _step_with_the_joined_round(self) -> None:
+        """After a download: wait for the round joined for it and take the swarm's step with its gradients, if the
+        state is at that round's step (the donor may have stepped first) and the round's group gathered that step.
+        Otherwise the peer stays at the downloaded step (the swarm may not have finished it; if it has, the peer is
+        behind and downloads again). No micro-batch is computed meanwhile: its gradients would not be in the
+        round, and hivemind would count its samples towards the step."""
+        if self._joined_round is None:
+            return
+        control, epoch = self._joined_round
+        if self.state_averager.loaded_from is None or self.state_averager.loaded_epoch != epoch:
+            self._joined_round = None
+            return
+        try:
+            group = control.result(timeout=self.averaging_timeout)
+            other = self._other_step_in(group, epoch)
+        except BaseException as error:
+            group, other = None, f"{type(error).__name__}: {error}"[:200]
+        if other is not None:
+            logger.info("The round joined while downloading the state of step %d did not average that step (%s)",
+                        epoch, other)
+            self._joined_round = None
+            return
+        # hivemind labels a state one step behind its view of the swarm with the swarm's step: this one keeps its own
+        self.state_averager.local_epoch = epoch
+        self._update_global_epoch(grad_scaler=None)  # (uses the joined round: _begin_averaging_gradients)
+        logger.debug("Took step %d with the swarm's gradients from the round joined while downloading", epoch)
 
     def _look_for_the_current_round(self) -> None:
         """After a download (on joining or catching up), start looking for the swarm's round now if it ends
@@ -409,6 +500,9 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         self._grads_in_averager = False  # (hivemind's own fallback in there must read the accumulators)
+        if self._joined_round is not None:  # joined during our download, with weight 0: its result is this step's
+            self.scheduled_grads, self._joined_round = self._joined_round[0], None
+            return True
         control, peers = self.scheduled_grads, self.tracker.global_progress.num_peers
         began = super()._begin_averaging_gradients(grad_scaler)
         self._grads_in_averager = began  # (GradientAverager.step moved them there and zeroed the accumulators)
@@ -442,6 +536,12 @@ class SwarmOptimizer(hivemind.Optimizer):
         except BaseException as error:
             self._record("failed", 1, f"{type(error).__name__}: {error}"[:200])
         self._load_local_gradients_into_optimizer()
+
+    def _other_step_in(self, group_info: dict, epoch: int) -> int | None:
+        """A step other than ``epoch`` that a groupmate gathered (the step its round was for), if any."""
+        own = self.dht.peer_id
+        return next((claim for peer, claim in group_info.items()
+                     if peer != own and isinstance(claim, int) and claim != epoch), None)
 
 
 def _why_no_round(control: StepControl | None, peers: int) -> str:
@@ -520,7 +620,7 @@ def build_optimizer(
     # hivemind passes averager_opts to the state averager only. allow_state_sharing=False: joiners need
     # parameters and optimizer state, not others' half-accumulated gradients, which hivemind would otherwise
     # download in fp32 and throw away.
-    grad_cls = gated_averager(counting_averager(GradientAverager, "grad"), gate)
+    grad_cls = gated_averager(counting_averager(_SwarmGradientAverager, "grad"), gate)
     grad_averager = partial(grad_cls, allow_state_sharing=False, **averager_opts)
 
     return SwarmOptimizer(
