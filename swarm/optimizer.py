@@ -85,6 +85,9 @@ class _SwarmGradientAverager(GradientAverager):
         return None
 
 
+_SwarmGradientAverager.__name__ = GradientAverager.__name__  # hivemind names its RPC handlers after the class
+
+
 class SwarmOptimizer(hivemind.Optimizer):
     leaving: threading.Event | None = None  # set once the peer is leaving (the trainer's stop event)
 
