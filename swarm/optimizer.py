@@ -241,18 +241,22 @@ class SwarmOptimizer(hivemind.Optimizer):
         with fewer, the step's round may need us (a peer waiting here once left a lone partner failing its rounds
         until the wait ran out; another waited 20 s for a step that two of the three trainers had just left)."""
         tracker = self.tracker
-        lead = self.matchmaking_time + (self.state_averager.download_seconds or self.matchmaking_time)
         epoch, due = tracker.global_epoch, tracker.global_progress.eta_next_epoch - get_dht_time()
-
-        def quorum_at_step() -> bool:
-            return sum(claim >= epoch for claim in tracker.other_epochs) >= QUORUM_AHEAD
-
-        if not -self.averaging_timeout < due <= lead or not quorum_at_step():
+        if not -self.averaging_timeout < due <= self._download_lead() or not self._quorum_at(epoch):
             return  # (an end long overdue: a swarm that is stalled, or an estimate that is off)
         logger.debug("The swarm's step %d ends in %.1f s: downloading its state after that", epoch, due)
         deadline = time.monotonic() + max(due, 0.0) + self.averaging_timeout
-        while tracker.global_epoch <= epoch and time.monotonic() < deadline and quorum_at_step():
+        while tracker.global_epoch <= epoch and time.monotonic() < deadline and self._quorum_at(epoch):
             time.sleep(0.1)
+
+    def _download_lead(self) -> float:
+        """How long before the end of the swarm's step a download must begin to land in time for the step's round:
+        the last download's duration (a matchmaking time before the first) plus a matchmaking time."""
+        return self.matchmaking_time + (self.state_averager.download_seconds or self.matchmaking_time)
+
+    def _quorum_at(self, epoch: int) -> bool:
+        """Whether at least QUORUM_AHEAD other trainers are at ``epoch`` or past it, in the tracker's last view."""
+        return sum(claim >= epoch for claim in self.tracker.other_epochs) >= QUORUM_AHEAD
 
     def _join_the_round_while_downloading(self) -> bool:
         """Before a download that would land within a matchmaking time of the end of the swarm's step: join that
@@ -268,13 +272,10 @@ class SwarmOptimizer(hivemind.Optimizer):
         the others, who began looking earlier, so that it joins their group rather than lead one of its own. It
         gives up a moment after that, and what it brings is used only if its group gathered this step: rounds
         carry no step, and one still looking once the swarm has stepped could fall into the next step's round."""
-        tracker = self.tracker
         if self.use_local_updates or self.auxiliary or not self.use_gradient_averaging:
             return False
-        lead = self.matchmaking_time + (self.state_averager.download_seconds or self.matchmaking_time)
-        epoch, eta, now = tracker.global_epoch, tracker.global_progress.eta_next_epoch, get_dht_time()
-        if not JOIN_MARGIN_SECONDS < eta - now <= lead or \
-                sum(claim >= epoch for claim in tracker.other_epochs) < QUORUM_AHEAD:
+        epoch, eta, now = self.tracker.global_epoch, self.tracker.global_progress.eta_next_epoch, get_dht_time()
+        if not JOIN_MARGIN_SECONDS < eta - now <= self._download_lead() or not self._quorum_at(epoch):
             return False
         scheduled = max(eta, now + self.matchmaking_time)
         control = self.grad_averager.schedule_step(scheduled_time=scheduled, gather=epoch, allow_retries=False,
@@ -299,10 +300,9 @@ class SwarmOptimizer(hivemind.Optimizer):
             self._joined_round = None
             return
         try:
-            group = control.result(timeout=self.averaging_timeout)
-            other = self._other_step_in(group, epoch)
+            other = self._other_step_in(control.result(timeout=self.averaging_timeout), epoch)
         except BaseException as error:
-            group, other = None, f"{type(error).__name__}: {error}"[:200]
+            other = f"{type(error).__name__}: {error}"[:200]
         if other is not None:
             logger.info("The round joined while downloading the state of step %d did not average that step (%s)",
                         epoch, other)
