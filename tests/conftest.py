@@ -154,8 +154,25 @@ def metric(url: str, name: str) -> float:
 def swarm_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``swarm ARGS`` to completion (for commands expected to exit by themselves), in a fresh interpreter as a
     user runs it: most such commands answer before the stack is imported, which a fork would hide."""
-    return subprocess.run([sys.executable, "-m", "peers.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
+    return swarm_cli_finish(swarm_cli_start(*args), timeout=timeout)
+
+
+def swarm_cli_start(*args: str) -> subprocess.Popen:
+    """``swarm_cli`` in the background, for a command that must not hold the test up; ``swarm_cli_finish``
+    collects it."""
+    return subprocess.Popen([sys.executable, "-m", "peers.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, stdin=subprocess.DEVNULL)
+
+
+def swarm_cli_finish(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    """What ``subprocess.run`` returns for ``proc``; past ``timeout`` it is killed and TimeoutExpired raised."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def wait_for_step(procs: PeerProcesses, name: str, step: int, timeout: float = 240) -> None:

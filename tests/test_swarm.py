@@ -30,7 +30,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, TINY, PeerProcesses, report, scrape, swarm_cli, wait_for_step
+from conftest import ROOT, TINY, PeerProcesses, report, scrape, swarm_cli_finish, swarm_cli_start, wait_for_step
 from monitor.dashboard import dashboard_queries
 from swarm import records
 from swarm.config import load_config
@@ -69,13 +69,16 @@ def swarm_run(tmp_path_factory):
         assert procs.wait("seed", 30) == 0
         procs.start("late", "join", *trainer_addrs, "--max-steps", str(LATE_STEPS),
                     "--report-json", str(work / "late.json"), "--save-model", str(work / "late-model"))
+        # `swarm status` runs beside what follows: run before the scrape, it once took long enough for trainer-0
+        # and trainer-1 to finish step 8 and leave, and the monitor then saw two trainers
+        status_run = procs.procs["status"] = swarm_cli_start("status", *trainer_addrs)
         metrics = read_records(trainer_addrs)  # while the trainers run: records expire after they leave
         wait_for_step(procs, "trainer-0", 4)
-        exposition = scrape(monitor_url)  # (before `swarm status`: that took long enough once for trainer-0 and
-        status = swarm_cli("status", *trainer_addrs, timeout=120)  # trainer-1 to finish step 8 and leave)
+        exposition = scrape(monitor_url)
         if prometheus:
             wait_for_step(procs, "trainer-0", STEPS - 1)  # 30 s of scrapes or more: enough for the [1m] rates
         dashboard = query_dashboard(prometheus) if prometheus else None
+        status = swarm_cli_finish(status_run, timeout=120)
         codes = {name: procs.wait(name, 300) for name in ["trainer-0", "trainer-1", "late"]}
         left = read_records(procs.wait_file(work / "trainer-2.addr", "trainer-2"))  # (the late joiner just left)
         late_exposition = scrape(monitor_url)  # (while trainer-2 trains: a swarm with no trainer has no step)
